@@ -1,0 +1,40 @@
+# Every target creates or updates .venv itself: on a fresh machine `make train-stage1` and `make test`
+# are the whole set-up.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+CORPUS := data/synth
+ARGS ?=
+
+.PHONY: install test train-stage1 train-stage2 train-curriculum eval data clean
+
+install: $(STAMP)
+
+# torch is pinned exactly in pyproject.toml, so pip takes the local CPU wheel here and the CUDA
+# build of the same version on GPU nodes.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+data: $(CORPUS)/train.jsonl
+
+$(CORPUS)/train.jsonl: | $(STAMP)
+	$(BIN)/speechllm data synth --out $(CORPUS)
+
+train-stage1: $(STAMP) $(CORPUS)/train.jsonl
+	$(BIN)/speechllm train stages/stage1.yaml $(ARGS)
+
+train-stage2: $(STAMP) $(CORPUS)/train.jsonl
+	$(BIN)/speechllm train stages/stage2.yaml $(ARGS)
+
+train-curriculum: $(STAMP) $(CORPUS)/train.jsonl
+	$(BIN)/speechllm train stages/curriculum.yaml $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests -q $(ARGS)
+
+clean:
+	rm -rf runs data bench .pytest_cache

@@ -1,0 +1,111 @@
+"""`speechllm train|data` — one command line, subcommands per job.
+
+User mistakes (config, data, checkpoints, unreachable models) end with one line on stderr and a
+non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from speechllm.config import ConfigError
+
+DEFAULT_STAGE = "stages/stage1.yaml"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except _user_errors() as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, ConfigError) else 1
+
+
+def _train(args) -> int:
+    from speechllm.config import load_config
+    from speechllm.training.run import train
+
+    stage, overrides = args.stage, list(args.overrides)
+    if stage and "=" in stage:  # `speechllm train key=value` without a stage file
+        stage, overrides = DEFAULT_STAGE, [stage] + overrides
+    cfg = load_config(stage or DEFAULT_STAGE, overrides)
+    run_dir = train(cfg)
+    print(f"run saved in {run_dir}")
+    return 0
+
+
+def _synth(args) -> int:
+    from speechllm.data.synth import SYNTH_TASKS, synthesize_corpus
+
+    tasks = args.tasks.split(",") if args.tasks else SYNTH_TASKS
+    summary = synthesize_corpus(
+        args.out,
+        train_per_task=args.train_per_task,
+        eval_per_task=args.eval_per_task,
+        tasks=tasks,
+        seed=args.seed,
+        snr_db=args.snr_db,
+    )
+    print(f"corpus written to {args.out}: {summary}")
+    return 0
+
+
+def _validate(args) -> int:
+    from speechllm.data.manifest import validate_manifests
+    from speechllm.training.run import build_registry
+
+    registry = build_registry(args.task_file)
+    report = validate_manifests(
+        args.manifests, registry, sample_rate=args.sample_rate, max_duration=args.max_duration, progress=True
+    )
+    for problem in report.problems:
+        print(problem)
+    print(report.summary())
+    return 1 if report.problems else 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="speechllm", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train one stage: speechllm train stages/stage1.yaml [key=value ...]")
+    train.add_argument("stage", nargs="?", help=f"stage file (default {DEFAULT_STAGE})")
+    train.add_argument("overrides", nargs="*", help="config overrides, e.g. trainer.max_steps=20")
+    train.set_defaults(run=_train)
+
+    data = commands.add_parser("data", help="make and check data").add_subparsers(required=True, metavar="ACTION")
+    synth = data.add_parser("synth", help="write the offline synthetic multi-task corpus")
+    synth.add_argument("--out", type=Path, required=True)
+    synth.add_argument("--train-per-task", type=int, default=200)
+    synth.add_argument("--eval-per-task", type=int, default=40)
+    synth.add_argument("--tasks", help="comma-separated subset, e.g. asr,kws")
+    synth.add_argument("--snr-db", type=float, help="add noise to speech at this SNR")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(run=_synth)
+
+    validate = data.add_parser("validate", help="check manifests row by row (exit 1 if any row is bad)")
+    validate.add_argument("manifests", nargs="+")
+    validate.add_argument("--sample-rate", type=int, default=16000)
+    validate.add_argument("--max-duration", type=float, default=30.0)
+    validate.add_argument("--task-file", action="append", default=[], help="YAML file registering extra tasks")
+    validate.set_defaults(run=_validate)
+    return parser
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from speechllm.data.audio import AudioError
+    from speechllm.data.manifest import ManifestError
+    from speechllm.data.tasks import TaskError
+    from speechllm.model.pretrained import ModelSourceError
+    from speechllm.training.checkpoints import CheckpointError
+    from speechllm.training.run import DataError
+
+    return (ConfigError, DataError, ManifestError, TaskError, AudioError, CheckpointError, ModelSourceError)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,287 @@
+"""Structured run configuration: dataclass schema, composition of YAML files and overrides, validation.
+
+Precedence (later wins): dataclass defaults < presets (`configs/<kind>/<name>.yaml`) < stage file
+(`stages/*.yaml`) < command-line `key=value` overrides. Every source is merged into the typed schema
+on its own, so an unknown key or a wrong type is reported with the file (or "command line") it came from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+TRAINABLE_GROUPS = ("layer_weights", "downsampler", "projection", "lora")
+ENCODER_KINDS = ("wavlm", "hubert", "wav2vec2", "whisper")
+LLM_KINDS = ("causal", "seq2seq")
+
+
+class ConfigError(ValueError):
+    """A configuration mistake, reported as one line naming the source and the key."""
+
+
+@dataclass
+class EncoderConfig:
+    kind: str = "wavlm"
+    """Encoder family: wavlm | hubert | wav2vec2 | whisper."""
+    pretrained: Optional[str] = None
+    """HF hub name or local directory for `from_pretrained`; None builds from `architecture` (random init)."""
+    architecture: Dict[str, Any] = field(default_factory=dict)
+    """HF config fields for `from_config` (tiny presets) or overrides on top of the pretrained config."""
+    sample_rate: int = 16000
+    normalize_waveform: bool = True
+    """Zero-mean unit-variance per utterance (the wav2vec2-family feature extractor's do_normalize)."""
+
+
+@dataclass
+class LayerWeightsConfig:
+    normalization: str = "softmax"
+    """softmax: weights are softmax-normalised; mean: the paper's (1/L)·Σ w_l·h_l with raw weights."""
+
+
+@dataclass
+class DownsamplerConfig:
+    num_layers: int = 2
+    """Conv1d layers; the sequence shortens by stride**num_layers (default 4x: 50 Hz -> 12.5 Hz)."""
+    kernel_size: int = 3
+    stride: int = 2
+    channels: int = 512
+
+
+@dataclass
+class LLMConfig:
+    kind: str = "causal"
+    """causal (decoder-only: Qwen2, Llama, ...) or seq2seq (encoder-decoder: T5, Flan-T5)."""
+    pretrained: Optional[str] = None
+    """HF hub name or local directory; None builds from `architecture` (random init)."""
+    architecture: Dict[str, Any] = field(default_factory=dict)
+    """HF config fields for `from_config`; must contain `model_type` when `pretrained` is None."""
+    tokenizer: Optional[str] = None
+    """`byt5` (byte-level, needs no files), a hub name or a local directory; None uses `pretrained`."""
+    prompt_prefix: str = ""
+    """Text before the audio embeddings (decoder-only), e.g. a chat template's user-turn opening."""
+    answer_prefix: str = "\n"
+    """Text between the instruction and the answer (decoder-only), e.g. the assistant-turn opening."""
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 8
+    """LoRA rank; 0 builds the model without adapters."""
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Module names to adapt (Qwen2/Llama: q_proj, v_proj; T5: q, v)."""
+
+
+@dataclass
+class ModelConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    layer_weights: LayerWeightsConfig = field(default_factory=LayerWeightsConfig)
+    downsampler: DownsamplerConfig = field(default_factory=DownsamplerConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+
+@dataclass
+class DataConfig:
+    train_manifests: List[str] = field(default_factory=list)
+    dev_manifests: List[str] = field(default_factory=list)
+    task_files: List[str] = field(default_factory=list)
+    """YAML files registering extra tasks (see README, "Your own task")."""
+    max_batch_seconds: float = 60.0
+    """Dynamic batches: total audio seconds per batch (per device)."""
+    max_batch_size: Optional[int] = None
+    max_duration: float = 30.0
+    """Examples longer than this (seconds) are bad rows."""
+    num_buckets: int = 10
+    num_workers: int = 2
+    on_bad_example: str = "error"
+    """error: stop before training and list the bad rows; skip: drop them, count and list them."""
+    max_dev_examples: Optional[int] = None
+    """Cap on validation examples (the first N of the dev manifests), for quick checks."""
+
+
+@dataclass
+class PhaseConfig:
+    name: str = "main"
+    until_step: int = 1000
+    """The phase ends before this global step (steps count optimizer updates)."""
+    train: List[str] = field(default_factory=lambda: ["layer_weights", "downsampler", "projection"])
+    """Trainable groups in this phase: layer_weights, downsampler, projection, lora."""
+    tasks: Dict[str, float] = field(default_factory=lambda: {"asr": 1.0})
+    """Task mixture: weight per task (unnormalised)."""
+    task_temperature: Optional[float] = None
+    """If set, multiply each weight by (task size)^(1/T): T=1 proportional to size, large T uniform."""
+    lr: Dict[str, float] = field(default_factory=dict)
+    """Peak learning rate per group; groups not listed use optim.lr."""
+    warmup_steps: Optional[int] = None
+    """Linear warmup at the start of this phase; None uses optim.warmup_steps."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 50
+    schedule: str = "cosine"
+    """cosine: warmup then cosine decay to min_lr_ratio over each phase; constant: warmup then flat."""
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class TrainerConfig:
+    """Arguments passed to lightning.Trainer (subset we support and test)."""
+
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    max_steps: int = -1
+    """-1 runs until the last phase's until_step; a smaller value stops early (schedules still fit)."""
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: Optional[float] = 1.0
+    log_every_n_steps: int = 10
+    val_check_interval: Optional[int] = 100
+    """Validate every N training batches; None disables validation."""
+    limit_val_batches: Optional[int] = None
+    deterministic: bool = False
+    enable_progress_bar: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: int = 100
+    """Write checkpoints/last.ckpt every N steps (and always at the end of training)."""
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "auto"
+    """auto: online when an API key is configured, else offline | online | offline | disabled."""
+    project: str = "speechllm"
+    entity: Optional[str] = None
+
+
+@dataclass
+class PresetsConfig:
+    dir: str = "configs"
+    """Where preset files live (relative to the working directory, else to the repository)."""
+    model: Optional[str] = "tiny"
+    data: Optional[str] = "synth"
+    trainer: Optional[str] = "cpu"
+
+
+@dataclass
+class RunConfig:
+    run_name: str = "stage1"
+    """Output goes to <output_dir>/<run_name>/."""
+    output_dir: str = "runs"
+    stage: str = "stage1"
+    seed: int = 0
+    init_from: Optional[str] = None
+    """A previous stage's checkpoint or run directory: load its trained weights (new optimizer, step 0)."""
+    resume: str = "auto"
+    """auto: continue from <run>/checkpoints/last.ckpt if it exists | never | a checkpoint path."""
+    presets: PresetsConfig = field(default_factory=PresetsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    phases: List[PhaseConfig] = field(default_factory=lambda: [PhaseConfig()])
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+def load_config(stage_file: str | Path | None, overrides: List[str] = ()) -> DictConfig:
+    """Compose presets < stage file < overrides into a validated RunConfig (as a DictConfig)."""
+    stage = _load_yaml(stage_file) if stage_file else OmegaConf.create()
+    try:
+        cli = OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"command line: {_first_line(err)}") from None
+    cfg = OmegaConf.structured(RunConfig)
+    # The presets section picks the preset files, so it is resolved before everything else.
+    presets = _merge(OmegaConf.structured(PresetsConfig), stage.get("presets", {}), f"{stage_file}")
+    presets = _merge(presets, cli.get("presets", {}), "command line")
+    for kind in ("model", "data", "trainer"):
+        name = presets[kind]
+        if name:
+            path = _preset_path(presets.dir, kind, name)
+            cfg = _merge(cfg, {kind: _load_yaml(path)}, str(path))
+    cfg = _merge(cfg, stage, str(stage_file))
+    cfg = _merge(cfg, cli, "command line")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks the schema cannot express: allowed values and cross-field consistency."""
+    _one_of("model.encoder.kind", cfg.model.encoder.kind, ENCODER_KINDS)
+    _one_of("model.llm.kind", cfg.model.llm.kind, LLM_KINDS)
+    _one_of("model.layer_weights.normalization", cfg.model.layer_weights.normalization, ("softmax", "mean"))
+    _one_of("data.on_bad_example", cfg.data.on_bad_example, ("error", "skip"))
+    _one_of("optim.schedule", cfg.optim.schedule, ("cosine", "constant"))
+    _one_of("wandb.mode", cfg.wandb.mode, ("auto", "online", "offline", "disabled"))
+    if cfg.model.llm.pretrained is None and "model_type" not in cfg.model.llm.architecture:
+        raise ConfigError("model.llm: set `pretrained` (hub name or local path) or `architecture.model_type`")
+    if not cfg.phases:
+        raise ConfigError("phases: a stage needs at least one phase")
+    previous_end = 0
+    for i, phase in enumerate(cfg.phases):
+        where = f"phases[{i}] ({phase.name})"
+        if phase.until_step <= previous_end:
+            raise ConfigError(f"{where}.until_step={phase.until_step} must be greater than {previous_end}")
+        previous_end = phase.until_step
+        for group in list(phase.train) + list(phase.lr):
+            _one_of(f"{where}.train/lr group", group, TRAINABLE_GROUPS)
+        if "lora" in phase.train and cfg.model.lora.rank == 0:
+            raise ConfigError(f"{where}.train: trains `lora` but model.lora.rank is 0")
+        if not any(w > 0 for w in phase.tasks.values()):
+            raise ConfigError(f"{where}.tasks: needs at least one task with a positive weight")
+
+
+def _one_of(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: '{value}' is not one of {', '.join(allowed)}")
+
+
+def _merge(base: DictConfig, update: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, update)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        raise ConfigError(f"{source}: {key + ': ' if key else ''}{_first_line(err)}") from None
+
+
+def _load_yaml(path: str | Path) -> DictConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as err:  # yaml.YAMLError or OmegaConf errors: both are bad files
+        raise ConfigError(f"{path}: not valid YAML ({_first_line(err)})") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return loaded
+
+
+def _preset_path(presets_dir: str, kind: str, name: str) -> Path:
+    if name.endswith((".yaml", ".yml")):
+        return Path(name)
+    for root in (Path(presets_dir), Path(__file__).resolve().parent.parent / presets_dir):
+        candidate = root / kind / f"{name}.yaml"
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"presets.{kind}: no preset '{name}' in {presets_dir}/{kind}/")
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

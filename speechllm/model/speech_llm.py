@@ -1,0 +1,183 @@
+"""SpeechLLM: encoder -> layer-weighted sum -> conv downsampler -> projection -> LLM (+ LoRA)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from speechllm.config import ModelConfig
+from speechllm.model.downsampler import ConvDownsampler
+from speechllm.model.encoder import AudioEncoder
+from speechllm.model.layer_weights import LayerWeightedSum
+from speechllm.model.llm import add_lora, build_llm, build_tokenizer, check_vocabulary
+from speechllm.model.parts import trainable_groups
+
+IGNORE_INDEX = -100  # labels outside the target (prompt, audio, instruction, padding) never enter the loss
+
+
+@dataclass
+class LLMInputs:
+    """One batch laid out for the LLM; decoder-only sequences are left-padded (as generation needs)."""
+
+    inputs_embeds: torch.Tensor  # (B, S, H)
+    attention_mask: torch.Tensor  # (B, S)
+    labels: torch.Tensor | None  # (B, S) decoder-only, (B, T) encoder-decoder; IGNORE_INDEX outside targets
+    position_ids: torch.Tensor | None = None  # decoder-only: positions count only real tokens
+
+
+@dataclass
+class SpeechLLMOutput:
+    loss: torch.Tensor  # mean cross-entropy over all target tokens of the batch
+    example_losses: torch.Tensor  # (B,) mean cross-entropy over each example's target tokens
+    target_tokens: torch.Tensor  # (B,) number of target tokens per example
+
+
+class SpeechLLM(nn.Module):
+    def __init__(self, cfg: ModelConfig | DictConfig):
+        super().__init__()
+        if isinstance(cfg, DictConfig):  # HF configs want plain lists and dicts
+            cfg = OmegaConf.to_object(cfg)
+        self.cfg = cfg
+        self.is_seq2seq = cfg.llm.kind == "seq2seq"
+        self.encoder = AudioEncoder(cfg.encoder)
+        self.layer_weights = LayerWeightedSum(self.encoder.num_layers, cfg.layer_weights.normalization)
+        d = cfg.downsampler
+        self.downsampler = ConvDownsampler(self.encoder.hidden_size, d.channels, d.num_layers, d.kernel_size, d.stride)
+        self.tokenizer = build_tokenizer(cfg.llm)
+        llm = build_llm(cfg.llm)
+        check_vocabulary(llm, self.tokenizer)
+        self.projection = nn.Linear(d.channels, llm.get_input_embeddings().embedding_dim)
+        self.llm = add_lora(llm, cfg.lora) if cfg.lora.rank > 0 else llm
+
+    def trainable_groups(self) -> dict[str, dict[str, nn.Parameter]]:
+        return trainable_groups(self)
+
+    def encode_audio(self, wave: torch.Tensor, wave_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """wave (B, T), wave_mask (B, T) -> audio embeddings in LLM space (B, A, H) and their mask (B, A)."""
+        hidden, frame_mask = self.encoder(wave, wave_mask)
+        frames = self.layer_weights(hidden)
+        frames, mask = self.downsampler(frames, frame_mask)
+        return self.projection(frames), mask
+
+    def forward(
+        self, wave: torch.Tensor, wave_mask: torch.Tensor, instructions: list[str], targets: list[str]
+    ) -> SpeechLLMOutput:
+        audio, audio_mask = self.encode_audio(wave, wave_mask)
+        inputs = self.build_inputs(audio, audio_mask, instructions, targets)
+        if self.is_seq2seq:
+            decoder_input_ids = self.llm.prepare_decoder_input_ids_from_labels(labels=inputs.labels)
+            logits = self.llm(
+                inputs_embeds=inputs.inputs_embeds,
+                attention_mask=inputs.attention_mask,
+                decoder_input_ids=decoder_input_ids,
+            ).logits
+            labels = inputs.labels
+        else:
+            logits = self.llm(
+                inputs_embeds=inputs.inputs_embeds,
+                attention_mask=inputs.attention_mask,
+                position_ids=inputs.position_ids,
+            ).logits[:, :-1]
+            labels = inputs.labels[:, 1:]  # token t is predicted from positions < t
+        return _target_cross_entropy(logits, labels)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        wave: torch.Tensor,
+        wave_mask: torch.Tensor,
+        instructions: list[str],
+        max_new_tokens: int = 64,
+        num_beams: int = 1,
+    ) -> list[str]:
+        """Greedy (num_beams=1) or beam-search answers to `instructions` about each audio."""
+        audio, audio_mask = self.encode_audio(wave, wave_mask)
+        inputs = self.build_inputs(audio, audio_mask, instructions, targets=None)
+        tokens = self.llm.generate(
+            inputs_embeds=inputs.inputs_embeds,
+            attention_mask=inputs.attention_mask,
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            do_sample=False,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        return [text.strip() for text in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+
+    def build_inputs(
+        self, audio: torch.Tensor, audio_mask: torch.Tensor, instructions: list[str], targets: list[str] | None
+    ) -> LLMInputs:
+        if self.is_seq2seq:
+            return self._seq2seq_inputs(audio, audio_mask, instructions, targets)
+        return self._causal_inputs(audio, audio_mask, instructions, targets)
+
+    def _causal_inputs(self, audio, audio_mask, instructions, targets) -> LLMInputs:
+        """[prompt prefix][audio][instruction + answer prefix][target + eos], left-padded."""
+        prefix = self._token_ids(self.cfg.llm.prompt_prefix)
+        sequences, labels = [], []
+        for i, instruction in enumerate(instructions):
+            prompt = self._token_ids(instruction + self.cfg.llm.answer_prefix)
+            answer = self._token_ids(targets[i]) + [self.tokenizer.eos_token_id] if targets is not None else []
+            valid_audio = audio[i, audio_mask[i]]
+            sequences.append(torch.cat([self._embed(prefix), valid_audio, self._embed(prompt), self._embed(answer)]))
+            prompt_length = len(prefix) + valid_audio.shape[0] + len(prompt)
+            labels.append([IGNORE_INDEX] * prompt_length + answer)
+        embeds, mask = _pad_embeddings(sequences, left=True)
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        label_ids = _pad_ids(labels, embeds.shape[1], IGNORE_INDEX, left=True, device=embeds.device)
+        return LLMInputs(embeds, mask, label_ids if targets is not None else None, positions)
+
+    def _seq2seq_inputs(self, audio, audio_mask, instructions, targets) -> LLMInputs:
+        """Encoder reads [audio][instruction + eos]; the decoder is trained on [target + eos]."""
+        eos = self.tokenizer.eos_token_id
+        sequences = [
+            torch.cat([audio[i, audio_mask[i]], self._embed(self._token_ids(instruction) + [eos])])
+            for i, instruction in enumerate(instructions)
+        ]
+        embeds, mask = _pad_embeddings(sequences, left=False)
+        labels = None
+        if targets is not None:
+            answers = [self._token_ids(target) + [eos] for target in targets]
+            length = max(len(a) for a in answers)
+            labels = _pad_ids(answers, length, IGNORE_INDEX, left=False, device=embeds.device)
+        return LLMInputs(embeds, mask, labels)
+
+    def _token_ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids if text else []
+
+    def _embed(self, ids: list[int]) -> torch.Tensor:
+        table = self.llm.get_input_embeddings()
+        return table(torch.tensor(ids, dtype=torch.long, device=table.weight.device))
+
+
+def _pad_embeddings(sequences: list[torch.Tensor], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(s.shape[0] for s in sequences)
+    first = sequences[0]
+    embeds = first.new_zeros(len(sequences), length, first.shape[-1])
+    mask = torch.zeros(len(sequences), length, dtype=torch.long, device=first.device)
+    for i, seq in enumerate(sequences):
+        span = slice(length - seq.shape[0], length) if left else slice(0, seq.shape[0])
+        embeds[i, span] = seq
+        mask[i, span] = 1
+    return embeds, mask
+
+
+def _pad_ids(rows: list[list[int]], length: int, fill: int, left: bool, device) -> torch.Tensor:
+    padded = [[fill] * (length - len(r)) + r if left else r + [fill] * (length - len(r)) for r in rows]
+    return torch.tensor(padded, dtype=torch.long, device=device)
+
+
+def _target_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> SpeechLLMOutput:
+    token_losses = nn.functional.cross_entropy(
+        logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    counts = (labels != IGNORE_INDEX).sum(-1)
+    sums = token_losses.sum(-1)
+    return SpeechLLMOutput(
+        loss=sums.sum() / counts.sum().clamp(min=1),
+        example_losses=sums / counts.clamp(min=1),
+        target_tokens=counts,
+    )

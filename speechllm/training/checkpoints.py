@@ -1,0 +1,115 @@
+"""Checkpoints that hold only what trains, written atomically, and loaded across stages.
+
+Frozen encoder and LLM weights are re-created from their source (hub, local path, or the fixed-seed
+random init of tiny presets) and never copied into checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from omegaconf import DictConfig, OmegaConf
+
+LAST = "last.ckpt"
+META_KEY = "speechllm"
+# Model settings that change no tensor shape or meaning: a checkpoint may differ in these.
+_COMPATIBLE_KEYS = {"lora.dropout", "llm.prompt_prefix", "llm.answer_prefix"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used here, with the reason in one line."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """torch.save to a temporary file in the same directory, fsync, then rename over the target.
+
+    A kill at any moment leaves either the previous complete file or the new complete file.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # make the rename itself durable
+        finally:
+            os.close(dir_fd)
+
+
+def resolve_checkpoint(source: str | Path, key: str) -> Path:
+    """A checkpoint file, or a run directory (-> its checkpoints/last.ckpt)."""
+    path = Path(source)
+    if path.is_dir():
+        path = path / "checkpoints" / LAST
+    if not path.is_file():
+        raise CheckpointError(f"{key}: no checkpoint at {path}")
+    return path
+
+
+def read_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # pickle, zip and EOF errors all mean the same thing here
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from None
+
+
+def model_config_differences(saved: dict, current: dict) -> list[str]:
+    """Dotted keys of the model config that differ (ignoring settings that change no weights)."""
+    flat_saved, flat_current = _flatten(saved), _flatten(current)
+    keys = set(flat_saved) | set(flat_current)
+    return sorted(k for k in keys if k not in _COMPATIBLE_KEYS and flat_saved.get(k) != flat_current.get(k))
+
+
+def check_compatible(checkpoint: dict, model_cfg: DictConfig, path: Path) -> None:
+    saved = checkpoint.get(META_KEY, {}).get("model_config")
+    if saved is None:
+        raise CheckpointError(f"{path}: not a speechllm checkpoint (no model config inside)")
+    diff = model_config_differences(saved, OmegaConf.to_container(model_cfg))
+    if diff:
+        raise CheckpointError(f"{path}: model config differs from this run in {', '.join(diff)}")
+
+
+def load_trained_weights(module, source: str) -> list[str]:
+    """init_from: copy a previous stage's trained groups into `module.model`; returns the groups loaded.
+
+    Groups absent from the checkpoint (e.g. LoRA after stage 1) keep their fresh initialisation.
+    Optimizer, scheduler, step and sampler state are deliberately not carried over.
+    """
+    path = resolve_checkpoint(source, "init_from")
+    checkpoint = read_checkpoint(path)
+    check_compatible(checkpoint, module.cfg.model, path)
+    state = checkpoint["state_dict"]
+    loaded = []
+    for group, params in module.model.trainable_groups().items():
+        keys = {f"model.{name}" for name in params}
+        present = keys & state.keys()
+        if present and present != keys:
+            raise CheckpointError(f"{path}: group '{group}' is incomplete ({len(keys - present)} tensors missing)")
+        if present:
+            with torch.no_grad():
+                for name, param in params.items():
+                    param.copy_(state[f"model.{name}"])
+            loaded.append(group)
+    return loaded
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}

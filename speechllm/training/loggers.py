@@ -1,0 +1,47 @@
+"""Loggers: a CSV log always, W&B offline by default and online when the user has a key."""
+
+from __future__ import annotations
+
+import netrc
+import os
+from pathlib import Path
+
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+
+def wandb_mode(requested: str) -> str:
+    """auto -> online only with a configured API key, so a run never waits on a login or the network."""
+    if requested != "auto":
+        return requested
+    if os.environ.get("WANDB_MODE") in ("online", "offline", "disabled"):
+        return os.environ["WANDB_MODE"]
+    return "online" if _has_wandb_key() else "offline"
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path, wandb_run_id: str | None) -> list[Logger]:
+    loggers: list[Logger] = [CSVLogger(save_dir=run_dir, name="logs", version="")]
+    mode = wandb_mode(cfg.wandb.mode)
+    if mode != "disabled":
+        loggers.append(
+            WandbLogger(
+                project=cfg.wandb.project,
+                entity=cfg.wandb.entity,
+                name=cfg.run_name,
+                id=wandb_run_id,
+                resume="allow",
+                save_dir=str(run_dir),
+                offline=mode == "offline",
+                config=OmegaConf.to_container(cfg),
+            )
+        )
+    return loggers
+
+
+def _has_wandb_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False

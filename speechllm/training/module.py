@@ -1,0 +1,96 @@
+"""SpeechLLMModule: the LightningModule. Owns the steps, the optimizer and what checkpoints hold."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from speechllm.data.dataset import Batch
+from speechllm.model.speech_llm import SpeechLLM
+from speechllm.training.checkpoints import META_KEY, CheckpointError, check_compatible
+from speechllm.training.stage_scheduler import StagePlan
+
+
+class SpeechLLMModule(L.LightningModule):
+    def __init__(self, cfg: DictConfig, plan: StagePlan, task_names: list[str]):
+        super().__init__()
+        self.cfg = cfg
+        self.plan = plan
+        self.task_names = list(task_names)
+        self.model = SpeechLLM(cfg.model)
+        # Checkpoints hold only the trained groups; on_load_checkpoint checks that they are all there.
+        self.strict_loading = False
+        self.wandb_run_id: str | None = None
+        self._val_sums: torch.Tensor | None = None
+
+    def trained_state_keys(self) -> set[str]:
+        groups = self.model.trainable_groups()
+        return {f"model.{name}" for group in self.plan.trained_groups for name in groups[group]}
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        out = self.model(batch.wave, batch.wave_mask, batch.instructions, batch.targets)
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=len(batch))
+        return out.loss
+
+    def on_validation_epoch_start(self) -> None:
+        # Per task: [sum of token losses, number of target tokens]; reduced across ranks at the end.
+        self._val_sums = torch.zeros(len(self.task_names), 2, device=self.device, dtype=torch.float64)
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        out = self.model(batch.wave, batch.wave_mask, batch.instructions, batch.targets)
+        for task, loss, tokens in zip(batch.tasks, out.example_losses, out.target_tokens):
+            row = self._val_sums[self.task_names.index(task)]
+            row[0] += loss.double() * tokens
+            row[1] += tokens
+
+    def on_validation_epoch_end(self) -> None:
+        sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
+        present = sums[:, 1] > 0
+        if not present.any():
+            return
+        self.log("val/loss", (sums[present, 0].sum() / sums[present, 1].sum()).float(), prog_bar=True)
+        for task, (loss_sum, tokens) in zip(self.task_names, sums.tolist()):
+            if tokens:
+                self.log(f"val/loss/{task}", loss_sum / tokens)
+
+    def configure_optimizers(self):
+        groups = self.model.trainable_groups()
+        param_groups, lambdas = [], []
+        for group in self.plan.trained_groups:
+            params = list(groups[group].values())
+            # No weight decay on scalars and vectors (layer weights, biases), as usual for AdamW.
+            for decay, members in ((self.cfg.optim.weight_decay, [p for p in params if p.ndim >= 2]),
+                                   (0.0, [p for p in params if p.ndim < 2])):
+                if members:
+                    param_groups.append({"params": members, "lr": 1.0, "weight_decay": decay, "name": group})
+                    lambdas.append(self.plan.lr_lambda(group))
+        optim = self.cfg.optim
+        optimizer = torch.optim.AdamW(param_groups, betas=tuple(optim.betas), eps=optim.eps)
+        # Base lr 1.0: the lambda returns the absolute learning rate of the group at each step.
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keep = self.trained_state_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint[META_KEY] = {
+            "stage": self.plan.stage,
+            "phase": self.plan.phase_at(self.global_step).name,
+            "global_step": self.global_step,
+            "model_config": OmegaConf.to_container(self.cfg.model),
+            "trained_groups": self.plan.trained_groups,
+            "wandb_run_id": self.wandb_run_id,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        path = Path(self.trainer.ckpt_path) if self.trainer and self.trainer.ckpt_path else Path("checkpoint")
+        check_compatible(checkpoint, self.cfg.model, path)
+        missing = self.trained_state_keys() - checkpoint["state_dict"].keys()
+        if missing:
+            raise CheckpointError(
+                f"{path}: lacks {len(missing)} tensors this run trains (e.g. {sorted(missing)[0]}); "
+                "use init_from for a checkpoint of another stage"
+            )

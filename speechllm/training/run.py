@@ -1,0 +1,151 @@
+"""The training recipe: config -> validated data -> model -> Lightning Trainer -> runs/<run_name>/."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.utilities import rank_zero_info
+from omegaconf import DictConfig, OmegaConf
+
+from speechllm.data.manifest import Example, validate_manifests
+from speechllm.data.tasks import TaskRegistry, default_registry
+from speechllm.training.checkpoints import (
+    LAST,
+    META_KEY,
+    AtomicCheckpointIO,
+    CheckpointError,
+    load_trained_weights,
+    read_checkpoint,
+)
+from speechllm.training.datamodule import SpeechDataModule
+from speechllm.training.loggers import build_loggers
+from speechllm.training.module import SpeechLLMModule
+from speechllm.training.stage_scheduler import StagePlan, StageScheduler
+
+
+class DataError(ValueError):
+    """Bad manifest rows found before training; the message lists them as manifest:line: reason."""
+
+
+def train(cfg: DictConfig) -> Path:
+    run_dir = Path(cfg.output_dir) / cfg.run_name
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    registry = build_registry(cfg.data.task_files)
+    plan = StagePlan(cfg)
+    train_examples = load_examples(cfg, registry, run_dir, "train")
+    dev_examples = load_examples(cfg, registry, run_dir, "dev")
+    resume_path = resolve_resume(cfg, run_dir)
+
+    module = SpeechLLMModule(cfg, plan, registry.names())
+    if cfg.init_from and resume_path is None:
+        loaded = load_trained_weights(module, cfg.init_from)
+        rank_zero_info(f"init_from {cfg.init_from}: loaded {', '.join(loaded) or 'nothing'}")
+    datamodule = SpeechDataModule(cfg, plan, registry, train_examples, dev_examples)
+    module.wandb_run_id = _previous_wandb_id(resume_path) or uuid.uuid4().hex[:8]
+
+    trainer = build_trainer(cfg, plan, run_dir, module.wandb_run_id, validate=bool(dev_examples))
+    if trainer.is_global_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, run_dir / "config.yaml")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
+    # The periodic checkpoint may predate the last steps; the final state always lands in last.ckpt.
+    trainer.save_checkpoint(run_dir / "checkpoints" / LAST)
+    return run_dir
+
+
+def build_trainer(cfg: DictConfig, plan: StagePlan, run_dir: Path, wandb_run_id: str, validate: bool) -> L.Trainer:
+    t = cfg.trainer
+    callbacks = [
+        StageScheduler(plan),
+        ModelCheckpoint(
+            dirpath=run_dir / "checkpoints",
+            every_n_train_steps=cfg.checkpoint.every_n_steps,
+            save_top_k=0,
+            save_last=True,
+            save_on_train_epoch_end=False,
+        ),
+        LearningRateMonitor(logging_interval="step"),
+    ]
+    if t.enable_progress_bar:
+        callbacks.append(RichProgressBar())
+    return L.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=t.precision,
+        max_steps=plan.total_steps,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=t.gradient_clip_val,
+        log_every_n_steps=t.log_every_n_steps,
+        val_check_interval=t.val_check_interval if validate and t.val_check_interval else None,
+        check_val_every_n_epoch=None if validate and t.val_check_interval else 1,
+        limit_val_batches=(t.limit_val_batches if t.limit_val_batches is not None else 1.0) if validate else 0,
+        num_sanity_val_steps=0,
+        deterministic=t.deterministic,
+        enable_progress_bar=t.enable_progress_bar,
+        default_root_dir=run_dir,
+        logger=build_loggers(cfg, run_dir, wandb_run_id),
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+        use_distributed_sampler=False,  # our batch sampler shards across ranks itself
+    )
+
+
+def build_registry(task_files) -> TaskRegistry:
+    registry = default_registry()
+    for path in task_files:
+        registry.load_yaml(path)
+    return registry
+
+
+def load_examples(cfg: DictConfig, registry: TaskRegistry, run_dir: Path, split: str) -> list[Example]:
+    """Validate a split's manifests; bad rows stop the run (error) or are dropped, counted and listed (skip)."""
+    key = f"data.{split}_manifests"
+    manifests = list(cfg.data[f"{split}_manifests"])
+    if not manifests:
+        if split == "train":
+            raise DataError(f"{key}: no training manifests configured")
+        return []
+    report = validate_manifests(
+        manifests,
+        registry,
+        sample_rate=cfg.model.encoder.sample_rate,
+        max_duration=cfg.data.max_duration,
+        cache_dir=Path(cfg.output_dir) / ".manifest_cache",
+    )
+    rank_zero_info(f"{key}: {report.summary()}")
+    if report.problems and cfg.data.on_bad_example == "error":
+        listed = "\n".join(str(p) for p in report.problems[:20])
+        more = f"\n... and {len(report.problems) - 20} more" if len(report.problems) > 20 else ""
+        raise DataError(
+            f"{len(report.problems)} bad example(s) in {key} (fix them, or set data.on_bad_example=skip):\n{listed}{more}"
+        )
+    if report.problems:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / f"skipped_{split}_examples.txt").write_text("".join(f"{p}\n" for p in report.problems))
+        rank_zero_info(f"{key}: skipped {len(report.problems)} bad example(s), listed in {run_dir}/skipped_{split}_examples.txt")
+    if not report.examples:
+        raise DataError(f"{key}: no usable examples")
+    return report.examples
+
+
+def resolve_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
+    if cfg.resume == "never":
+        return None
+    if cfg.resume == "auto":
+        last = run_dir / "checkpoints" / LAST
+        return last if last.is_file() else None
+    path = Path(cfg.resume)
+    if not path.is_file():
+        raise CheckpointError(f"resume: no checkpoint at {path}")
+    return path
+
+
+def _previous_wandb_id(resume_path: Path | None) -> str | None:
+    if resume_path is None:
+        return None
+    return read_checkpoint(resume_path).get(META_KEY, {}).get("wandb_run_id")

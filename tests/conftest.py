@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny model configs and one small synthetic corpus per test session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from speechllm.config import load_config
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_config(model_preset: str = "tiny", *overrides: str):
+    """A full RunConfig with a tiny model preset and no data or trainer preset."""
+    return load_config(None, [f"presets.model={model_preset}", "presets.data=null", "presets.trainer=null", *overrides])
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """A small real spoken corpus (espeak-ng), every synthetic task, shared by the whole session."""
+    from speechllm.data.synth import synthesize_corpus
+
+    out = tmp_path_factory.mktemp("corpus")
+    synthesize_corpus(out, train_per_task=12, eval_per_task=4, seed=0, progress=False)
+    return out
+
+
+def speechllm_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "speechllm.cli", *args]

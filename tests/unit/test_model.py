@@ -1,0 +1,135 @@
+"""The model stack: masks and shapes, padding invariance, loss masking, learning, generation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from speechllm.model.downsampler import ConvDownsampler
+from speechllm.model.speech_llm import IGNORE_INDEX, SpeechLLM
+from tests.conftest import tiny_config
+
+LENGTHS = [16000, 12345, 7001]  # odd sample counts: frame and downsampled lengths do not divide evenly
+
+
+def _padded_batch(lengths, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    waves = [torch.randn(n, generator=gen) * 0.1 for n in lengths]
+    wave = torch.zeros(len(waves), max(lengths))
+    mask = torch.zeros(len(waves), max(lengths), dtype=torch.bool)
+    for i, w in enumerate(waves):
+        wave[i, : w.numel()], mask[i, : w.numel()] = w, True
+    return waves, wave, mask
+
+
+@pytest.fixture(scope="module", params=["tiny", "tiny_t5"])
+def model(request) -> SpeechLLM:
+    torch.manual_seed(0)
+    return SpeechLLM(tiny_config(request.param).model).eval()
+
+
+def test_downsampler_mask_matches_conv_output_lengths():
+    down = ConvDownsampler(8, 16, num_layers=2, kernel_size=3, stride=2)
+    frames = torch.randn(3, 49, 8)
+    mask = torch.arange(49)[None] < torch.tensor([49, 25, 1])[:, None]
+    out, out_mask = down(frames, mask)
+    # 49 -> 25 -> 13; 25 -> 13 -> 7; 1 -> 1 -> 1 (kernel 3, stride 2, padding 1)
+    assert out.shape == (3, 13, 16)
+    assert out_mask.sum(-1).tolist() == [13, 7, 1]
+
+
+def test_padded_example_matches_unpadded(model):
+    waves, wave, mask = _padded_batch(LENGTHS)
+    with torch.no_grad():
+        batch_emb, batch_mask = model.encode_audio(wave, mask)
+        for i, w in enumerate(waves):
+            alone, alone_mask = model.encode_audio(w[None], torch.ones(1, w.numel(), dtype=torch.bool))
+            n = int(alone_mask.sum())
+            assert int(batch_mask[i].sum()) == n
+            torch.testing.assert_close(batch_emb[i, :n], alone[0, :n], atol=1e-5, rtol=1e-4)
+    # 4x downsampling of a 50 Hz encoder: one second of audio -> about 12.5 frames
+    assert int(batch_mask[0].sum()) in (12, 13)
+
+
+def test_padded_example_has_same_loss_as_alone(model):
+    waves, wave, mask = _padded_batch(LENGTHS)
+    instructions = ["transcribe the audio", "what is said?", "write it down"]
+    targets = ["hello world", "yes", "turn on the lights"]
+    with torch.no_grad():
+        batch = model(wave, mask, instructions, targets).example_losses
+        for i, w in enumerate(waves):
+            alone = model(w[None], torch.ones(1, w.numel(), dtype=torch.bool), [instructions[i]], [targets[i]])
+            torch.testing.assert_close(batch[i], alone.example_losses[0], atol=1e-4, rtol=1e-4)
+
+
+def test_loss_reaches_only_target_tokens(model):
+    """Gradients of the loss reach target positions only: prompt, audio, instruction and padding get none."""
+    _, wave, mask = _padded_batch(LENGTHS[:2])
+    audio, audio_mask = model.encode_audio(wave, mask)
+    inputs = model.build_inputs(audio, audio_mask, ["a long instruction to transcribe", "hi"], ["abc", "de"])
+    logits_seen = {}
+
+    def keep_logits(_module, _args, output):
+        output.logits.retain_grad()
+        logits_seen["logits"] = output.logits
+
+    handle = model.llm.register_forward_hook(keep_logits)
+    try:
+        model.eval()
+        out = model(wave, mask, ["a long instruction to transcribe", "hi"], ["abc", "de"])
+        out.loss.backward()
+    finally:
+        handle.remove()
+    grad = logits_seen["logits"].grad.abs().sum(-1)  # (B, S)
+    labels = inputs.labels
+    # decoder-only predicts token t at position t-1; encoder-decoder predicts label t at position t
+    target_positions = labels[:, 1:] != IGNORE_INDEX if not model.is_seq2seq else labels != IGNORE_INDEX
+    predicting = grad[:, :-1] if not model.is_seq2seq else grad
+    assert (predicting[target_positions] > 0).all()
+    assert (predicting[~target_positions] == 0).all()
+    assert int((labels != IGNORE_INDEX).sum()) == len("abc") + 1 + len("de") + 1  # byte tokens + eos each
+
+
+def test_instruction_text_never_appears_in_labels(model):
+    _, wave, mask = _padded_batch(LENGTHS[:2])
+    audio, audio_mask = model.encode_audio(wave, mask)
+    inputs = model.build_inputs(audio, audio_mask, ["INSTRUCTION", "INSTRUCTION"], ["yes", "no"])
+    decoded = [model.tokenizer.decode([t for t in row.tolist() if t != IGNORE_INDEX]) for row in inputs.labels]
+    assert [d.replace(model.tokenizer.eos_token, "") for d in decoded] == ["yes", "no"]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny_t5"])
+def test_overfits_one_batch(preset):
+    torch.manual_seed(0)
+    model = SpeechLLM(tiny_config(preset).model)
+    trainable = [p for group in ("layer_weights", "downsampler", "projection", "lora")
+                 for p in model.trainable_groups()[group].values()]
+    for p in trainable:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(trainable, lr=3e-3)
+    _, wave, mask = _padded_batch(LENGTHS)
+    args = (wave, mask, ["transcribe"] * 3, ["one two", "three", "four five six"])
+    losses = []
+    for _ in range(30):
+        loss = model(*args).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_generate_batched_equals_alone(model):
+    waves, wave, mask = _padded_batch(LENGTHS)
+    instructions = ["transcribe", "what is said", "repeat"]
+    batched = model.generate(wave, mask, instructions, max_new_tokens=6)
+    alone = [model.generate(w[None], torch.ones(1, w.numel(), dtype=torch.bool), [instructions[i]], max_new_tokens=6)[0]
+             for i, w in enumerate(waves)]
+    assert batched == alone
+    assert len(model.generate(wave, mask, instructions, max_new_tokens=6, num_beams=3)) == 3
+
+
+def test_frozen_parts_do_not_require_grad(model):
+    assert not any(p.requires_grad for p in model.encoder.parameters())
+    lora = set(model.trainable_groups()["lora"].values())
+    assert lora and not any(p.requires_grad for p in model.llm.parameters() if p not in lora)
