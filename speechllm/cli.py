@@ -33,8 +33,8 @@ def _train(args) -> int:
     if stage and "=" in stage:  # `speechllm train key=value` without a stage file
         stage, overrides = DEFAULT_STAGE, [stage] + overrides
     cfg = load_config(stage or DEFAULT_STAGE, overrides)
-    run_dir = train(cfg)
-    print(f"run saved in {run_dir}")
+    run = train(cfg)
+    print(f"run saved in {run.run_dir}")
     return 0
 
 
@@ -60,7 +60,12 @@ def _validate(args) -> int:
 
     registry = build_registry(args.task_file)
     report = validate_manifests(
-        args.manifests, registry, sample_rate=args.sample_rate, max_duration=args.max_duration, progress=True
+        args.manifests,
+        registry,
+        sample_rate=args.sample_rate,
+        max_duration=args.max_duration,
+        require_duration=not args.allow_missing_duration,
+        progress=True,
     )
     for problem in report.problems:
         print(problem)
@@ -91,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("manifests", nargs="+")
     validate.add_argument("--sample-rate", type=int, default=16000)
     validate.add_argument("--max-duration", type=float, default=30.0)
+    validate.add_argument("--allow-missing-duration", action="store_true",
+                          help="accept rows without `duration` (training then reads it from each file)")
     validate.add_argument("--task-file", action="append", default=[], help="YAML file registering extra tasks")
     validate.set_defaults(run=_validate)
     return parser

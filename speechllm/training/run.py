@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -30,7 +31,13 @@ class DataError(ValueError):
     """Bad manifest rows found before training; the message lists them as manifest:line: reason."""
 
 
-def train(cfg: DictConfig) -> Path:
+@dataclass
+class TrainingRun:
+    run_dir: Path
+    module: SpeechLLMModule  # the trained model, in memory (tests compare it with its sources)
+
+
+def train(cfg: DictConfig) -> TrainingRun:
     run_dir = Path(cfg.output_dir) / cfg.run_name
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     registry = build_registry(cfg.data.task_files)
@@ -53,7 +60,7 @@ def train(cfg: DictConfig) -> Path:
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
     # The periodic checkpoint may predate the last steps; the final state always lands in last.ckpt.
     trainer.save_checkpoint(run_dir / "checkpoints" / LAST)
-    return run_dir
+    return TrainingRun(run_dir, module)
 
 
 def build_trainer(cfg: DictConfig, plan: StagePlan, run_dir: Path, wandb_run_id: str, validate: bool) -> L.Trainer:
