@@ -33,3 +33,20 @@ def corpus(tmp_path_factory) -> Path:
 
 def speechllm_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "speechllm.cli", *args]
+
+
+def run_overrides(corpus: Path, output_dir: Path, *extra: str) -> list[str]:
+    """A quick, quiet training run on the session corpus, written under `output_dir`."""
+    return [
+        f"output_dir={output_dir}",
+        f"data.train_manifests=[{corpus}/train.jsonl]",
+        f"data.dev_manifests=[{corpus}/dev.jsonl]",
+        "data.num_workers=0",
+        "data.max_batch_seconds=12",
+        "data.max_dev_examples=8",
+        "checkpoint.every_n_steps=3",
+        "trainer.val_check_interval=3",
+        "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false",
+        *extra,
+    ]

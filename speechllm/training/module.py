@@ -62,10 +62,10 @@ class SpeechLLMModule(L.LightningModule):
         for group in self.plan.trained_groups:
             params = list(groups[group].values())
             # No weight decay on scalars and vectors (layer weights, biases), as usual for AdamW.
-            for decay, members in ((self.cfg.optim.weight_decay, [p for p in params if p.ndim >= 2]),
-                                   (0.0, [p for p in params if p.ndim < 2])):
+            for name, decay, members in ((group, self.cfg.optim.weight_decay, [p for p in params if p.ndim >= 2]),
+                                         (f"{group}/no_decay", 0.0, [p for p in params if p.ndim < 2])):
                 if members:
-                    param_groups.append({"params": members, "lr": 1.0, "weight_decay": decay, "name": group})
+                    param_groups.append({"params": members, "lr": 1.0, "weight_decay": decay, "name": name})
                     lambdas.append(self.plan.lr_lambda(group))
         optim = self.cfg.optim
         optimizer = torch.optim.AdamW(param_groups, betas=tuple(optim.betas), eps=optim.eps)
