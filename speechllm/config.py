@@ -202,21 +202,21 @@ class RunConfig:
 def load_config(stage_file: str | Path | None, overrides: List[str] = ()) -> DictConfig:
     """Compose presets < stage file < overrides into a validated RunConfig (as a DictConfig)."""
     stage = _load_yaml(stage_file) if stage_file else OmegaConf.create()
-    try:
-        cli = OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"command line: {_first_line(err)}") from None
+    cli = [_parse_override(text) for text in overrides]
     cfg = OmegaConf.structured(RunConfig)
     # The presets section picks the preset files, so it is resolved before everything else.
     presets = _merge(OmegaConf.structured(PresetsConfig), stage.get("presets", {}), f"{stage_file}")
-    presets = _merge(presets, cli.get("presets", {}), "command line")
+    for key, value in cli:
+        if key.startswith("presets."):
+            _update(presets, key.removeprefix("presets."), value, "command line")
     for kind in ("model", "data", "trainer"):
         name = presets[kind]
         if name:
             path = _preset_path(presets.dir, kind, name)
             cfg = _merge(cfg, {kind: _load_yaml(path)}, str(path))
     cfg = _merge(cfg, stage, str(stage_file))
-    cfg = _merge(cfg, cli, "command line")
+    for key, value in cli:
+        _update(cfg, key, value, "command line")
     validate(cfg)
     return cfg
 
@@ -231,6 +231,8 @@ def validate(cfg: DictConfig) -> None:
     _one_of("wandb.mode", cfg.wandb.mode, ("auto", "online", "offline", "disabled"))
     if cfg.model.llm.pretrained is None and "model_type" not in cfg.model.llm.architecture:
         raise ConfigError("model.llm: set `pretrained` (hub name or local path) or `architecture.model_type`")
+    if cfg.trainer.max_steps == 0 or cfg.trainer.max_steps < -1:
+        raise ConfigError(f"trainer.max_steps: {cfg.trainer.max_steps} leaves nothing to train (-1 runs every phase)")
     if not cfg.phases:
         raise ConfigError("phases: a stage needs at least one phase")
     previous_end = 0
@@ -258,6 +260,24 @@ def _merge(base: DictConfig, update: Any, source: str) -> DictConfig:
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)
         raise ConfigError(f"{source}: {key + ': ' if key else ''}{_first_line(err)}") from None
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    """`key=value` with a YAML value; keys may index lists (`phases.1.until_step=200`)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"command line: '{text}' is not key=value")
+    try:  # OmegaConf's own YAML reading: `1e-3` is a float, `[a,b]` a list, `null` None
+        return key.strip(), OmegaConf.from_dotlist([f"value={value}"]).value
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"command line: {key}: value '{value}' is not valid YAML ({_first_line(err)})") from None
+
+
+def _update(cfg: DictConfig, key: str, value: Any, source: str) -> None:
+    try:
+        OmegaConf.update(cfg, key, value, merge=True)
+    except (OmegaConfBaseException, TypeError, ValueError, IndexError) as err:
+        raise ConfigError(f"{source}: {key}: {_first_line(err)}") from None
 
 
 def _load_yaml(path: str | Path) -> DictConfig:
