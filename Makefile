@@ -33,6 +33,11 @@ train-stage2: $(STAMP) $(CORPUS)/train.jsonl
 train-curriculum: $(STAMP) $(CORPUS)/train.jsonl
 	$(BIN)/speechllm train stages/curriculum.yaml $(ARGS)
 
+# Per-task dev metrics of runs/stage1 (a table, runs/stage1/eval/dev.json and its predictions);
+# e.g. ARGS="--heldout-instructions --max-examples 20".
+eval: $(STAMP)
+	$(BIN)/speechllm eval runs/stage1 $(ARGS)
+
 test: $(STAMP)
 	$(BIN)/python -m pytest tests -q $(ARGS)
 

@@ -1,4 +1,4 @@
-"""`speechllm train|data` — one command line, subcommands per job.
+"""`speechllm train|eval|data` — one command line, subcommands per job.
 
 User mistakes (config, data, checkpoints, unreachable models) end with one line on stderr and a
 non-zero exit code, never a traceback.
@@ -35,6 +35,29 @@ def _train(args) -> int:
     cfg = load_config(stage or DEFAULT_STAGE, overrides)
     run = train(cfg)
     print(f"run saved in {run.run_dir}")
+    return 0
+
+
+def _eval(args) -> int:
+    from speechllm.evaluation.evaluate import EvalSettings, evaluate, print_table
+
+    report = evaluate(
+        args.run_dir,
+        EvalSettings(
+            manifests=args.manifests,
+            split=args.split,
+            heldout_instructions=args.heldout_instructions,
+            max_examples=args.max_examples,
+            max_batch_size=args.max_batch_size,
+            num_beams=args.num_beams,
+            max_new_tokens=args.max_new_tokens,
+            out=args.out,
+            device=args.device,
+        ),
+    )
+    print_table(report)
+    print(f"report: {report.report_path}\npredictions: {report.predictions_path}\n"
+          f"{len(report.predictions)} examples in {report.seconds:.1f}s")
     return 0
 
 
@@ -82,6 +105,22 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="config overrides, e.g. trainer.max_steps=20")
     train.set_defaults(run=_train)
 
+    evaluate = commands.add_parser("eval", help="per-task metrics of a trained run: speechllm eval runs/stage1")
+    evaluate.add_argument("run_dir", metavar="RUN_DIR_OR_CKPT", help="a run directory, or a checkpoint in <run>/checkpoints/")
+    evaluate.add_argument("--manifest", dest="manifests", action="append", default=[],
+                          help="manifest to evaluate (repeatable; default: the run's data.<split>_manifests)")
+    evaluate.add_argument("--split", default="dev", help="names the report and picks the default manifests (default dev)")
+    evaluate.add_argument("--heldout-instructions", action="store_true",
+                          help="phrase instructions with the held-out templates training never saw")
+    evaluate.add_argument("--max-examples", type=_positive_int, help="at most N examples per task (the first of each)")
+    evaluate.add_argument("--max-batch-size", type=_positive_int, help="cap on examples per batch")
+    evaluate.add_argument("--num-beams", type=_positive_int, default=1, help="1: greedy (default)")
+    evaluate.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    evaluate.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    evaluate.add_argument("--out", type=Path,
+                          help="JSON report (default <run>/eval/<split>[-heldout].json); predictions go next to it")
+    evaluate.set_defaults(run=_eval)
+
     data = commands.add_parser("data", help="make and check data").add_subparsers(required=True, metavar="ACTION")
     synth = data.add_parser("synth", help="write the offline synthetic multi-task corpus")
     synth.add_argument("--out", type=Path, required=True)
@@ -103,15 +142,26 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'")
+    return value
+
+
 def _user_errors() -> tuple[type[Exception], ...]:
     from speechllm.data.audio import AudioError
     from speechllm.data.manifest import ManifestError
     from speechllm.data.tasks import TaskError
+    from speechllm.evaluation.evaluate import EvalError
     from speechllm.model.pretrained import ModelSourceError
     from speechllm.training.checkpoints import CheckpointError
     from speechllm.training.run import DataError
 
-    return (ConfigError, DataError, ManifestError, TaskError, AudioError, CheckpointError, ModelSourceError)
+    return (ConfigError, DataError, ManifestError, TaskError, AudioError, CheckpointError, ModelSourceError, EvalError)
 
 
 if __name__ == "__main__":
