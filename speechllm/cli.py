@@ -77,6 +77,20 @@ def _synth(args) -> int:
     return 0
 
 
+def _prepare(args) -> int:
+    from speechllm.data.converters import ConverterError, prepare
+
+    options = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConverterError(f"--set {item}: expected key=value")
+        options[key.strip()] = value
+    report = prepare(args.dataset, args.root, args.out, progress=True, **options)
+    print(f"{args.out}: {report.summary()}")
+    return 0
+
+
 def _validate(args) -> int:
     from speechllm.data.manifest import validate_manifests
     from speechllm.training.run import build_registry
@@ -115,7 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-examples", type=_positive_int, help="at most N examples per task (the first of each)")
     evaluate.add_argument("--max-batch-size", type=_positive_int, help="cap on examples per batch")
     evaluate.add_argument("--num-beams", type=_positive_int, default=1, help="1: greedy (default)")
-    evaluate.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    evaluate.add_argument("--max-new-tokens", type=_positive_int, default=128)
     evaluate.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     evaluate.add_argument("--out", type=Path,
                           help="JSON report (default <run>/eval/<split>[-heldout].json); predictions go next to it")
@@ -130,6 +144,14 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--snr-db", type=float, help="add noise to speech at this SNR")
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(run=_synth)
+
+    prepare = data.add_parser("prepare", help="turn a public dataset on disk into a manifest")
+    prepare.add_argument("dataset", help="librispeech | covost2 | slurp | speech_commands | csv")
+    prepare.add_argument("--root", type=Path, required=True, help="the dataset in its usual layout (csv: the file)")
+    prepare.add_argument("--out", type=Path, required=True, help="manifest to write")
+    prepare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="converter option, e.g. subset=train-clean-100 (repeatable)")
+    prepare.set_defaults(run=_prepare)
 
     validate = data.add_parser("validate", help="check manifests row by row (exit 1 if any row is bad)")
     validate.add_argument("manifests", nargs="+")
@@ -156,12 +178,14 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from speechllm.data.audio import AudioError
     from speechllm.data.manifest import ManifestError
     from speechllm.data.tasks import TaskError
+    from speechllm.data.converters import ConverterError
     from speechllm.evaluation.evaluate import EvalError
     from speechllm.model.pretrained import ModelSourceError
     from speechllm.training.checkpoints import CheckpointError
     from speechllm.training.run import DataError
 
-    return (ConfigError, DataError, ManifestError, TaskError, AudioError, CheckpointError, ModelSourceError, EvalError)
+    return (ConfigError, DataError, ManifestError, TaskError, AudioError, CheckpointError, ModelSourceError, EvalError,
+            ConverterError)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ class EvalSettings:
     max_batch_size: int | None = None
     """Cap on examples per batch; None uses the run's data.max_batch_size (batches fill data.max_batch_seconds)."""
     num_beams: int = 1
-    max_new_tokens: int = 64
+    max_new_tokens: int = 128
     out: Path | None = None
     """JSON report path; None: <run>/eval/<split>[-heldout].json. Predictions go next to it (.predictions.jsonl)."""
     device: str = "auto"

@@ -399,3 +399,21 @@ def test_manifest_is_replaced_whole_and_nothing_is_written_when_no_row_survives(
     with pytest.raises(ConverterError, match="speech_commands: no rows to write from .* \\(nothing found"):
         prepare("speech_commands", speech_commands, tmp_path / "new.jsonl", split="dev")
     assert not (tmp_path / "new.jsonl").exists()
+
+
+def test_cli_prepare_passes_options_and_reports_one_line_errors(speech_commands, tmp_path):
+    import subprocess
+    import sys
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "speechllm.cli", "data", "prepare", *args],
+                              capture_output=True, text=True, timeout=120)
+
+    out = tmp_path / "test.jsonl"
+    done = cli("speech_commands", "--root", str(speech_commands), "--out", str(out), "--set", "split=test",
+               "--set", "keywords=cat,dog")
+    assert done.returncode == 0, done.stderr
+    assert rows(out)[0]["labels"] == ["cat", "dog"]
+    failed = cli("speech_commands", "--root", str(speech_commands), "--out", str(out), "--set", "split=sideways")
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr
+    assert failed.stderr.startswith("error: ") and "split" in failed.stderr
