@@ -16,6 +16,13 @@ os.environ.setdefault("WANDB_SILENT", "true")
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def own_wandb_service(monkeypatch):
+    """Subprocesses start their own W&B service. wandb.init in this process exports WANDB_SERVICE, and a
+    killed run attached to that shared service would keep its run id "in use" for the resumed run."""
+    monkeypatch.delenv("WANDB_SERVICE", raising=False)
+
+
 def tiny_config(model_preset: str = "tiny", *overrides: str):
     """A full RunConfig with a tiny model preset and no data or trainer preset."""
     return load_config(None, [f"presets.model={model_preset}", "presets.data=null", "presets.trainer=null", *overrides])

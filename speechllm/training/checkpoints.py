@@ -7,9 +7,11 @@ random init of tiny presets) and never copied into checkpoints.
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
@@ -33,6 +35,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a process killed mid-write
+            stale.unlink(missing_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
             with open(tmp, "wb") as f:
@@ -66,6 +70,31 @@ def read_checkpoint(path: Path) -> dict:
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from None
 
 
+def rng_states() -> dict[str, Any]:
+    """This process's random generators (torch, CUDA device, numpy, python): what dropout and friends draw from.
+
+    Plain tensors, lists and numbers only, so that Lightning's `weights_only` checkpoint loading accepts them.
+    """
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
 def model_config_differences(saved: dict, current: dict) -> list[str]:
     """Dotted keys of the model config that differ (ignoring settings that change no weights)."""
     flat_saved, flat_current = _flatten(saved), _flatten(current)
@@ -82,15 +111,24 @@ def check_compatible(checkpoint: dict, model_cfg: DictConfig, path: Path) -> Non
         raise CheckpointError(f"{path}: model config differs from this run in {', '.join(diff)}")
 
 
-def load_trained_weights(module, source: str) -> list[str]:
+def read_compatible(source: str | Path, model_cfg: DictConfig, key: str = "init_from") -> dict:
+    """The checkpoint at `source` (file or run directory), refused unless its model config matches this one."""
+    path = resolve_checkpoint(source, key)
+    checkpoint = read_checkpoint(path)
+    check_compatible(checkpoint, model_cfg, path)
+    return checkpoint
+
+
+def load_trained_weights(module, source: str | Path, checkpoint: dict | None = None) -> list[str]:
     """init_from: copy a previous stage's trained groups into `module.model`; returns the groups loaded.
 
-    Groups absent from the checkpoint (e.g. LoRA after stage 1) keep their fresh initialisation.
-    Optimizer, scheduler, step and sampler state are deliberately not carried over.
+    `checkpoint` is `read_compatible(source, ...)` when the caller has already read it (to fail before
+    building the model). Groups absent from the checkpoint (e.g. LoRA after stage 1) keep their fresh
+    initialisation. Optimizer, scheduler, step and sampler state are deliberately not carried over.
     """
     path = resolve_checkpoint(source, "init_from")
-    checkpoint = read_checkpoint(path)
-    check_compatible(checkpoint, module.cfg.model, path)
+    if checkpoint is None:
+        checkpoint = read_compatible(path, module.cfg.model)
     state = checkpoint["state_dict"]
     loaded = []
     for group, params in module.model.trainable_groups().items():

@@ -2,6 +2,7 @@
 
 The training sampler is a pure function of (seed, batch index), so the sampler position saved in a
 checkpoint is just the number of batches consumed, and resume continues from there on every rank.
+Lightning restores that position (`load_state_dict`) before it asks for `train_dataloader()`.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ from collections import Counter
 from typing import Sequence
 
 import lightning as L
+import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
+from speechllm.config import ConfigError
 from speechllm.data.dataset import SpeechDataset, collate
 from speechllm.data.manifest import Example
 from speechllm.data.sampler import DurationBatchSampler, MixturePhase, TaskMixtureBatchSampler, temperature_weights
@@ -54,7 +57,7 @@ class SpeechDataModule(L.LightningDataModule):
             world_size=self.trainer.world_size,
             start_batch=self.consumed_batches,
         )
-        return self._loader(self.train_set, sampler)
+        return self._loader(self.train_set, _WholePlan(sampler, self.consumed_batches))
 
     def val_dataloader(self) -> DataLoader:
         sampler = DurationBatchSampler(
@@ -71,6 +74,9 @@ class SpeechDataModule(L.LightningDataModule):
         return DataLoader(
             dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=workers,
             persistent_workers=workers > 0, pin_memory=self.cfg.trainer.accelerator != "cpu",
+            # Its own generator: starting an epoch (or a validation) draws a worker seed, and drawing it
+            # from the global RNG would make the training RNG depend on when validation ran.
+            generator=torch.Generator().manual_seed(self.cfg.seed),
         )
 
     def state_dict(self) -> dict:
@@ -86,7 +92,10 @@ def mixture_schedule(plan: StagePlan, examples: Sequence[Example], accumulation:
     sizes = Counter(e.task for e in examples)
     missing = sorted(t for t in plan.tasks if sizes[t] == 0)
     if missing:
-        raise ValueError(f"phases mix tasks with no training examples: {', '.join(missing)} (check data.train_manifests)")
+        raise ConfigError(
+            f"phases: no training examples for task(s) {', '.join(missing)} in data.train_manifests "
+            "(add their manifests or drop the task(s) from the phases)"
+        )
     return [
         MixturePhase(
             until_batch=phase.end_step * accumulation,
@@ -94,3 +103,21 @@ def mixture_schedule(plan: StagePlan, examples: Sequence[Example], accumulation:
         )
         for phase in plan.phases
     ]
+
+
+class _WholePlan(Sampler):
+    """The training batches from `start` on, reporting the length of the whole plan.
+
+    On resume Lightning restores its batch counter to the batches already consumed and ends the epoch
+    when the counter reaches `len(loader)`. With the remaining length instead, the epoch would end
+    early and a new one would replay the batches from `start` (the run's one epoch is the whole plan).
+    """
+
+    def __init__(self, batches: Sampler, start: int):
+        self.batches, self.start = batches, start
+
+    def __len__(self) -> int:
+        return self.start + len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches)

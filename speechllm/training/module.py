@@ -6,11 +6,12 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
 from speechllm.data.dataset import Batch
 from speechllm.model.speech_llm import SpeechLLM
-from speechllm.training.checkpoints import META_KEY, CheckpointError, check_compatible
+from speechllm.training.checkpoints import META_KEY, CheckpointError, check_compatible, rng_states, set_rng_states
 from speechllm.training.stage_scheduler import StagePlan
 
 
@@ -25,6 +26,7 @@ class SpeechLLMModule(L.LightningModule):
         self.strict_loading = False
         self.wandb_run_id: str | None = None
         self._val_sums: torch.Tensor | None = None
+        self._resumed_rng: dict | None = None
 
     def trained_state_keys(self) -> set[str]:
         groups = self.model.trainable_groups()
@@ -83,10 +85,14 @@ class SpeechLLMModule(L.LightningModule):
             "model_config": OmegaConf.to_container(self.cfg.model),
             "trained_groups": self.plan.trained_groups,
             "wandb_run_id": self.wandb_run_id,
+            # One entry per rank (dropout must continue where it stopped on each); every rank gets here,
+            # as Lightning builds the checkpoint on all ranks and writes it on rank 0.
+            "rng_states": _all_ranks(rng_states()),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        path = Path(self.trainer.ckpt_path) if self.trainer and self.trainer.ckpt_path else Path("checkpoint")
+        trainer = self._trainer
+        path = Path(trainer.ckpt_path) if trainer and trainer.ckpt_path else Path("checkpoint")
         check_compatible(checkpoint, self.cfg.model, path)
         missing = self.trained_state_keys() - checkpoint["state_dict"].keys()
         if missing:
@@ -94,3 +100,29 @@ class SpeechLLMModule(L.LightningModule):
                 f"{path}: lacks {len(missing)} tensors this run trains (e.g. {sorted(missing)[0]}); "
                 "use init_from for a checkpoint of another stage"
             )
+        states = checkpoint[META_KEY].get("rng_states") or []
+        world_size = trainer.world_size if trainer else 1
+        if len(states) == world_size:
+            self._resumed_rng = states[self.global_rank]
+        else:
+            rank_zero_warn(
+                f"{path}: saved by {len(states)} process(es), resumed on {world_size}; random streams start afresh"
+            )
+
+    def on_train_start(self) -> None:
+        # Lightning keeps each submodule's mode, and `from_pretrained` LLMs arrive in eval mode: without
+        # this, LoRA dropout would be off for real models (the encoder stays in eval mode regardless).
+        self.model.train()
+        # Restored here, not when the checkpoint is read: between the two, setting up the run draws from
+        # the global RNG in ways an uninterrupted run did not at this step.
+        if self._resumed_rng is not None:
+            set_rng_states(self._resumed_rng)
+            self._resumed_rng = None
+
+
+def _all_ranks(value):
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [value]
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,12 +20,17 @@ from speechllm.training.checkpoints import (
     AtomicCheckpointIO,
     CheckpointError,
     load_trained_weights,
-    read_checkpoint,
+    read_compatible,
 )
 from speechllm.training.datamodule import SpeechDataModule
-from speechllm.training.loggers import build_loggers
+from speechllm.training.loggers import build_loggers, finish_loggers
 from speechllm.training.module import SpeechLLMModule
 from speechllm.training.stage_scheduler import StagePlan, StageScheduler
+
+
+# Our batch sampler resumes from the checkpoint's position (SpeechDataModule.state_dict), which Lightning
+# cannot see: its warning that the loader is not resumable would be wrong.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
 class DataError(ValueError):
@@ -42,28 +48,36 @@ def train(cfg: DictConfig) -> TrainingRun:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     registry = build_registry(cfg.data.task_files)
     plan = StagePlan(cfg)
+    # Checkpoints are checked first: a wrong path or model config fails in seconds, not after data checks.
+    resume_path = resolve_resume(cfg, run_dir)
+    resumed = read_compatible(resume_path, cfg.model, "resume") if resume_path else None
+    initial = read_compatible(cfg.init_from, cfg.model) if cfg.init_from and resumed is None else None
     train_examples = load_examples(cfg, registry, run_dir, "train")
     dev_examples = load_examples(cfg, registry, run_dir, "dev")
-    resume_path = resolve_resume(cfg, run_dir)
+    datamodule = SpeechDataModule(cfg, plan, registry, train_examples, dev_examples)
 
     module = SpeechLLMModule(cfg, plan, registry.names())
-    if cfg.init_from and resume_path is None:
-        loaded = load_trained_weights(module, cfg.init_from)
+    if initial is not None:
+        loaded = load_trained_weights(module, cfg.init_from, initial)
         rank_zero_info(f"init_from {cfg.init_from}: loaded {', '.join(loaded) or 'nothing'}")
-    datamodule = SpeechDataModule(cfg, plan, registry, train_examples, dev_examples)
-    module.wandb_run_id = _previous_wandb_id(resume_path) or uuid.uuid4().hex[:8]
+    module.wandb_run_id = (resumed or {}).get(META_KEY, {}).get("wandb_run_id") or uuid.uuid4().hex[:8]
+    resume_step = resumed["global_step"] if resumed else None
+    del resumed, initial  # Lightning reads the resume checkpoint again itself
 
-    trainer = build_trainer(cfg, plan, run_dir, module.wandb_run_id, validate=bool(dev_examples))
+    trainer = build_trainer(cfg, plan, run_dir, module.wandb_run_id, resume_step, validate=bool(dev_examples))
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml")
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
     # The periodic checkpoint may predate the last steps; the final state always lands in last.ckpt.
     trainer.save_checkpoint(run_dir / "checkpoints" / LAST)
+    finish_loggers(trainer.loggers)
     return TrainingRun(run_dir, module)
 
 
-def build_trainer(cfg: DictConfig, plan: StagePlan, run_dir: Path, wandb_run_id: str, validate: bool) -> L.Trainer:
+def build_trainer(
+    cfg: DictConfig, plan: StagePlan, run_dir: Path, wandb_run_id: str, resume_step: int | None, validate: bool
+) -> L.Trainer:
     t = cfg.trainer
     callbacks = [
         StageScheduler(plan),
@@ -95,7 +109,7 @@ def build_trainer(cfg: DictConfig, plan: StagePlan, run_dir: Path, wandb_run_id:
         deterministic=t.deterministic,
         enable_progress_bar=t.enable_progress_bar,
         default_root_dir=run_dir,
-        logger=build_loggers(cfg, run_dir, wandb_run_id),
+        logger=build_loggers(cfg, run_dir, wandb_run_id, resume_step),
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False,  # our batch sampler shards across ranks itself
@@ -150,9 +164,3 @@ def resolve_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
     if not path.is_file():
         raise CheckpointError(f"resume: no checkpoint at {path}")
     return path
-
-
-def _previous_wandb_id(resume_path: Path | None) -> str | None:
-    if resume_path is None:
-        return None
-    return read_checkpoint(resume_path).get(META_KEY, {}).get("wandb_run_id")

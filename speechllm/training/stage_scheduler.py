@@ -125,6 +125,15 @@ class StageScheduler(L.Callback):
             f"training {', '.join(sorted(phase.train))}; tasks {phase.tasks}"
         )
 
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        # Gated groups computed gradients (DDP needs them: same graph in every phase) but must not count
+        # in gradient clipping's norm nor build optimizer moments. Called after the gradients were
+        # all-reduced and before clipping, identically on every rank.
+        groups = pl_module.model.trainable_groups()
+        for group in set(self.plan.trained_groups) - self._phase.train:
+            for param in groups[group].values():
+                param.grad = None
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         pl_module.log("train/phase", float(self._phase.index), on_step=True, on_epoch=False)
 

@@ -1,0 +1,83 @@
+"""Train one stage under Lightning DDP; each rank writes checksums of its trained weights and its batches.
+
+    python tests/integration/ddp_train.py OUT_DIR [--naive] STAGE_FILE [key=value ...]
+
+Lightning starts the other ranks by running this command line again (with LOCAL_RANK set), so every
+rank runs `train()` and writes OUT_DIR/rank<N>.json. `--naive` swaps in the freezing that the
+StageScheduler avoids, for the regression guard: requires_grad follows the current phase and is
+flipped at the phase boundary, after DDP wrapped the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+from speechllm.config import load_config
+from speechllm.training.module import SpeechLLMModule
+from speechllm.training.run import train
+from speechllm.training.stage_scheduler import StageScheduler
+
+
+def _record_batches(seen: list[list[str]]) -> None:
+    training_step = SpeechLLMModule.training_step
+
+    def recording_step(self, batch, batch_idx):
+        seen.append(list(batch.ids))
+        return training_step(self, batch, batch_idx)
+
+    SpeechLLMModule.training_step = recording_step
+
+
+def _naive_freezing() -> None:
+    on_train_batch_start = StageScheduler.on_train_batch_start
+
+    def set_requires_grad(pl_module, train: frozenset[str]) -> None:
+        for group, params in pl_module.model.trainable_groups().items():
+            for param in params.values():
+                param.requires_grad_(group in train)
+
+    def setup(self, trainer, pl_module, stage):
+        set_requires_grad(pl_module, self.plan.phases[0].train)
+
+    def phase_following_batch_start(self, trainer, pl_module, batch, batch_idx):
+        on_train_batch_start(self, trainer, pl_module, batch, batch_idx)
+        set_requires_grad(pl_module, self._phase.train)
+
+    StageScheduler.setup = setup
+    StageScheduler.on_train_batch_start = phase_following_batch_start
+
+
+def main(argv: list[str]) -> None:
+    out = Path(argv[0])
+    naive = argv[1] == "--naive"
+    stage, *overrides = argv[2:] if naive else argv[1:]
+    if naive:
+        _naive_freezing()
+    seen: list[list[str]] = []
+    _record_batches(seen)
+    run = train(load_config(stage, overrides))
+    groups = run.module.model.trainable_groups()
+    report = {
+        "rank": run.module.global_rank,
+        "world_size": run.module.trainer.world_size,
+        "sha256": {group: _checksum(params) for group, params in groups.items()},
+        "lora_b_max": max(p.abs().max().item() for name, p in groups["lora"].items() if "lora_B" in name),
+        "batches": seen,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{report['rank']}.json").write_text(json.dumps(report))
+
+
+def _checksum(params: dict) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(params):
+        digest.update(name.encode())
+        digest.update(params[name].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
