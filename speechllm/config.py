@@ -102,7 +102,7 @@ class DataConfig:
     on_bad_example: str = "error"
     """error: stop before training and list the bad rows; skip: drop them, count and list them."""
     max_dev_examples: Optional[int] = None
-    """Cap on validation examples (the first N of the dev manifests), for quick checks."""
+    """Cap on validation examples, taken task by task from the tasks the run trains, for quick checks."""
 
 
 @dataclass

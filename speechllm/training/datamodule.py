@@ -7,6 +7,7 @@ Lightning restores that position (`load_state_dict`) before it asks for `train_d
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from typing import Sequence
 
@@ -38,7 +39,7 @@ class SpeechDataModule(L.LightningDataModule):
         self.plan = plan
         sample_rate = cfg.model.encoder.sample_rate
         self.train_set = SpeechDataset(train_examples, registry, sample_rate, seed=cfg.seed)
-        dev = list(dev_examples)[: self.data.max_dev_examples]
+        dev = validation_examples(dev_examples, plan.tasks, self.data.max_dev_examples)
         self.dev_set = SpeechDataset(dev, registry, sample_rate, seed=cfg.seed)
         self.mixture = mixture_schedule(plan, train_examples, cfg.trainer.accumulate_grad_batches)
         self.consumed_batches = 0
@@ -85,6 +86,19 @@ class SpeechDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state: dict) -> None:
         self.consumed_batches = state["consumed_batches"]
+
+
+def validation_examples(examples: Sequence[Example], tasks: set[str], limit: int | None) -> list[Example]:
+    """Dev examples of the tasks this run trains, taken task by task in turn up to `limit`.
+
+    Manifests are often grouped by task, so the first `limit` rows would validate on one task only.
+    """
+    by_task: dict[str, list[Example]] = {}
+    for example in examples:
+        if example.task in tasks:
+            by_task.setdefault(example.task, []).append(example)
+    interleaved = [e for row in itertools.zip_longest(*by_task.values()) for e in row if e is not None]
+    return interleaved[:limit] if limit is not None else interleaved
 
 
 def mixture_schedule(plan: StagePlan, examples: Sequence[Example], accumulation: int) -> list[MixturePhase]:

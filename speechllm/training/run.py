@@ -64,7 +64,7 @@ def train(cfg: DictConfig) -> TrainingRun:
     resume_step = resumed["global_step"] if resumed else None
     del resumed, initial  # Lightning reads the resume checkpoint again itself
 
-    trainer = build_trainer(cfg, plan, run_dir, module.wandb_run_id, resume_step, validate=bool(dev_examples))
+    trainer = build_trainer(cfg, plan, run_dir, module.wandb_run_id, resume_step, validate=len(datamodule.dev_set) > 0)
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml")

@@ -65,4 +65,5 @@ def test_run_directory_has_config_logs_and_offline_wandb(stage1):
     assert "run_name: stage1" in (run.run_dir / "config.yaml").read_text()
     metrics = (run.run_dir / "logs" / "metrics.csv").read_text()
     assert "train/loss" in metrics and "val/loss/asr" in metrics
+    assert "val/loss/kws" not in metrics  # stage 1 validates on the task it trains
     assert list((run.run_dir / "wandb").glob("offline-run-*")), "offline W&B run missing"
