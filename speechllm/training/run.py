@@ -9,7 +9,7 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from speechllm.data.manifest import Example, validate_manifests
@@ -52,9 +52,9 @@ def train(cfg: DictConfig) -> TrainingRun:
     resume_path = resolve_resume(cfg, run_dir)
     resumed = read_compatible(resume_path, cfg.model, "resume") if resume_path else None
     initial = read_compatible(cfg.init_from, cfg.model) if cfg.init_from and resumed is None else None
-    train_examples = load_examples(cfg, registry, run_dir, "train")
-    dev_examples = load_examples(cfg, registry, run_dir, "dev")
-    datamodule = SpeechDataModule(cfg, plan, registry, train_examples, dev_examples)
+    train_data = load_examples(cfg, registry, run_dir, "train")
+    dev_data = load_examples(cfg, registry, run_dir, "dev")
+    datamodule = SpeechDataModule(cfg, plan, registry, train_data.examples, dev_data.examples)
 
     module = SpeechLLMModule(cfg, plan, registry.names())
     if initial is not None:
@@ -68,6 +68,8 @@ def train(cfg: DictConfig) -> TrainingRun:
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml")
+    for logger in trainer.loggers:  # counts of skipped, resampled, ... rows, next to the config
+        logger.log_hyperparams({"data_stats": {"train": train_data.stats, "dev": dev_data.stats}})
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
     # The periodic checkpoint may predate the last steps; the final state always lands in last.ckpt.
     trainer.save_checkpoint(run_dir / "checkpoints" / LAST)
@@ -123,14 +125,20 @@ def build_registry(task_files) -> TaskRegistry:
     return registry
 
 
-def load_examples(cfg: DictConfig, registry: TaskRegistry, run_dir: Path, split: str) -> list[Example]:
+@dataclass
+class SplitData:
+    examples: list[Example]
+    stats: dict[str, float]  # logged with the run's hyperparameters (W&B config, hparams.yaml)
+
+
+def load_examples(cfg: DictConfig, registry: TaskRegistry, run_dir: Path, split: str) -> SplitData:
     """Validate a split's manifests; bad rows stop the run (error) or are dropped, counted and listed (skip)."""
     key = f"data.{split}_manifests"
     manifests = list(cfg.data[f"{split}_manifests"])
     if not manifests:
         if split == "train":
             raise DataError(f"{key}: no training manifests configured")
-        return []
+        return SplitData([], {})
     report = validate_manifests(
         manifests,
         registry,
@@ -145,13 +153,20 @@ def load_examples(cfg: DictConfig, registry: TaskRegistry, run_dir: Path, split:
         raise DataError(
             f"{len(report.problems)} bad example(s) in {key} (fix them, or set data.on_bad_example=skip):\n{listed}{more}"
         )
-    if report.problems:
+    if report.problems and rank_zero_only.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / f"skipped_{split}_examples.txt").write_text("".join(f"{p}\n" for p in report.problems))
         rank_zero_info(f"{key}: skipped {len(report.problems)} bad example(s), listed in {run_dir}/skipped_{split}_examples.txt")
     if not report.examples:
         raise DataError(f"{key}: no usable examples")
-    return report.examples
+    stats = {
+        "examples": len(report.examples),
+        "skipped": len(report.problems),
+        "hours": round(report.audio_seconds / 3600, 3),
+        "stereo_mixed_down": report.stereo,
+        "resampled": report.resampled,
+    }
+    return SplitData(report.examples, stats)
 
 
 def resolve_resume(cfg: DictConfig, run_dir: Path) -> Path | None:

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 
 import pytest
+import yaml
 
 from conftest import REPO, run_overrides, speechllm_command
 
@@ -73,6 +74,9 @@ def test_bad_manifest_rows_stop_training_naming_manifest_and_line(corpus, tmp_pa
     assert skipped.returncode == 0, skipped.stderr
     listed = (tmp_path / "runs" / "bad" / "skipped_train_examples.txt").read_text().splitlines()
     assert [line.split(": ")[0] for line in listed] == [f"{manifest}:{n}" for n in (4, 5, 6)]
+    hparams = yaml.safe_load((tmp_path / "runs" / "bad" / "logs" / "hparams.yaml").read_text())
+    assert hparams["data_stats"]["train"] | {"hours": None} == {
+        "examples": 3, "skipped": 3, "hours": None, "stereo_mixed_down": 0, "resampled": 0}
 
 
 def test_missing_init_from_fails_fast(tmp_path):
