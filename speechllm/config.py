@@ -95,6 +95,8 @@ class DataConfig:
     max_batch_seconds: float = 60.0
     """Dynamic batches: total audio seconds per batch (per device)."""
     max_batch_size: Optional[int] = None
+    max_batch_tokens: Optional[int] = None
+    """Dynamic batches: LLM positions per batch (audio embeddings + longest instruction + target)."""
     max_duration: float = 30.0
     """Examples longer than this (seconds) are bad rows."""
     num_buckets: int = 10

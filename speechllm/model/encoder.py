@@ -26,6 +26,9 @@ WAVEFORM_ENCODERS = {
     "hubert": (HubertConfig, HubertModel),
     "wav2vec2": (Wav2Vec2Config, Wav2Vec2Model),
 }
+# Every supported family emits 50 frames per second of 16 kHz audio (a 320-sample conv stride; Whisper:
+# 100 mel frames per second, halved by its second conv).
+ENCODER_FRAMES_PER_SECOND = 50
 # Frozen encoders must be deterministic: no layer dropping, no time masking, no dropout.
 _NO_STOCHASTICITY = {"layerdrop": 0.0, "mask_time_prob": 0.0, "mask_feature_prob": 0.0}
 

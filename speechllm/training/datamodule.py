@@ -8,10 +8,12 @@ Lightning restores that position (`load_state_dict`) before it asks for `train_d
 from __future__ import annotations
 
 import itertools
+import math
 from collections import Counter
 from typing import Sequence
 
 import lightning as L
+import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Sampler
@@ -21,6 +23,7 @@ from speechllm.data.dataset import SpeechDataset, collate
 from speechllm.data.manifest import Example
 from speechllm.data.sampler import DurationBatchSampler, MixturePhase, TaskMixtureBatchSampler, temperature_weights
 from speechllm.data.tasks import TaskRegistry
+from speechllm.model.encoder import ENCODER_FRAMES_PER_SECOND
 from speechllm.training.stage_scheduler import StagePlan
 
 
@@ -32,7 +35,9 @@ class SpeechDataModule(L.LightningDataModule):
         registry: TaskRegistry,
         train_examples: Sequence[Example],
         dev_examples: Sequence[Example],
+        tokenizer=None,
     ):
+        """`tokenizer` (the LLM's) is needed only for a token budget, `data.max_batch_tokens`."""
         super().__init__()
         self.cfg = cfg
         self.data = cfg.data
@@ -42,6 +47,12 @@ class SpeechDataModule(L.LightningDataModule):
         dev = validation_examples(dev_examples, plan.tasks, self.data.max_dev_examples)
         self.dev_set = SpeechDataset(dev, registry, sample_rate, seed=cfg.seed)
         self.mixture = mixture_schedule(plan, train_examples, cfg.trainer.accumulate_grad_batches)
+        self.token_counts = None
+        if self.data.max_batch_tokens is not None:
+            if tokenizer is None:
+                raise ValueError("data.max_batch_tokens needs the LLM tokenizer to count tokens")
+            audio_rate = ENCODER_FRAMES_PER_SECOND / cfg.model.downsampler.stride ** cfg.model.downsampler.num_layers
+            self.token_counts = llm_token_counts(train_examples, registry, tokenizer, audio_rate)
         self.consumed_batches = 0
 
     def train_dataloader(self) -> DataLoader:
@@ -52,6 +63,8 @@ class SpeechDataModule(L.LightningDataModule):
             schedule=self.mixture,
             max_batch_seconds=self.data.max_batch_seconds,
             max_batch_size=self.data.max_batch_size,
+            token_counts=self.token_counts,
+            max_batch_tokens=self.data.max_batch_tokens,
             num_buckets=self.data.num_buckets,
             seed=self.cfg.seed,
             rank=self.trainer.global_rank,
@@ -86,6 +99,28 @@ class SpeechDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state: dict) -> None:
         self.consumed_batches = state["consumed_batches"]
+
+
+def llm_token_counts(
+    examples: Sequence[Example], registry: TaskRegistry, tokenizer, audio_tokens_per_second: float
+) -> np.ndarray:
+    """LLM positions an example occupies: its audio embeddings, its longest instruction, its target."""
+    targets = tokenizer([e.target for e in examples], add_special_tokens=False).input_ids
+    longest_instruction: dict[str, int] = {}  # per task, rendered with the first row's fields
+
+    def instruction_tokens(example: Example) -> int:
+        if example.instruction:
+            return len(tokenizer(example.instruction, add_special_tokens=False).input_ids)
+        if example.task not in longest_instruction:
+            task = registry.get(example.task)
+            rendered = [task.render(t, example.fields) for t in task.train_templates]
+            longest_instruction[example.task] = max(map(len, tokenizer(rendered, add_special_tokens=False).input_ids))
+        return longest_instruction[example.task]
+
+    return np.array([
+        math.ceil(e.duration * audio_tokens_per_second) + instruction_tokens(e) + len(target) + 1  # + eos
+        for e, target in zip(examples, targets)
+    ])
 
 
 def validation_examples(examples: Sequence[Example], tasks: set[str], limit: int | None) -> list[Example]:

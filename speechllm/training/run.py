@@ -54,9 +54,11 @@ def train(cfg: DictConfig) -> TrainingRun:
     initial = read_compatible(cfg.init_from, cfg.model) if cfg.init_from and resumed is None else None
     train_data = load_examples(cfg, registry, run_dir, "train")
     dev_data = load_examples(cfg, registry, run_dir, "dev")
-    datamodule = SpeechDataModule(cfg, plan, registry, train_data.examples, dev_data.examples)
 
     module = SpeechLLMModule(cfg, plan, registry.names())
+    datamodule = SpeechDataModule(
+        cfg, plan, registry, train_data.examples, dev_data.examples, tokenizer=module.model.tokenizer
+    )
     if initial is not None:
         loaded = load_trained_weights(module, cfg.init_from, initial)
         rank_zero_info(f"init_from {cfg.init_from}: loaded {', '.join(loaded) or 'nothing'}")

@@ -259,7 +259,7 @@ def test_sampled_task_mixture_matches_each_phase_and_switches_with_it(corpus, tm
     ])
     cfg = load_config(stage, run_overrides(corpus, tmp_path, "trainer.accumulate_grad_batches=2"))
     plan, registry = StagePlan(cfg), build_registry([])
-    examples = load_examples(cfg, registry, tmp_path / "mix", "train")
+    examples = load_examples(cfg, registry, tmp_path / "mix", "train").examples
     sequences = []
     for rank in (0, 1):
         datamodule = SpeechDataModule(cfg, plan, registry, examples, [])
