@@ -31,6 +31,8 @@ from speechllm.training.stage_scheduler import StagePlan, StageScheduler
 # Our batch sampler resumes from the checkpoint's position (SpeechDataModule.state_dict), which Lightning
 # cannot see: its warning that the loader is not resumable would be wrong.
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+# The frozen encoder is in eval mode on purpose (no dropout, deterministic features).
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 
 class DataError(ValueError):

@@ -67,3 +67,13 @@ def test_run_directory_has_config_logs_and_offline_wandb(stage1):
     assert "train/loss" in metrics and "val/loss/asr" in metrics
     assert "val/loss/kws" not in metrics  # stage 1 validates on the task it trains
     assert list((run.run_dir / "wandb").glob("offline-run-*")), "offline W&B run missing"
+
+
+def test_encoder_decoder_llm_trains_end_to_end(corpus, tmp_path):
+    """The paper's LLM family (T5): the same stage-1 run with the tiny_t5 preset."""
+    cfg = load_config(REPO / "stages/stage1.yaml",
+                      run_overrides(corpus, tmp_path, "presets.model=tiny_t5", "trainer.max_steps=3", "wandb.mode=disabled"))
+    run = train(cfg)
+    checkpoint = torch.load(run.run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 3 and checkpoint[META_KEY]["model_config"]["llm"]["kind"] == "seq2seq"
+    assert {k.split(".")[1] for k in checkpoint["state_dict"]} == {"layer_weights", "downsampler", "projection"}
