@@ -15,6 +15,7 @@ from typing import Sequence
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Sampler
 
@@ -71,6 +72,7 @@ class SpeechDataModule(L.LightningDataModule):
             world_size=self.trainer.world_size,
             start_batch=self.consumed_batches,
         )
+        rank_zero_info(f"train batches: {sampler.padding_ratio():.1%} of their audio is padding")
         return self._loader(self.train_set, _WholePlan(sampler, self.consumed_batches))
 
     def val_dataloader(self) -> DataLoader:
