@@ -17,6 +17,8 @@ from omegaconf.errors import OmegaConfBaseException
 TRAINABLE_GROUPS = ("layer_weights", "downsampler", "projection", "lora")
 ENCODER_KINDS = ("wavlm", "hubert", "wav2vec2", "whisper")
 LLM_KINDS = ("causal", "seq2seq")
+WER_NORMALIZATION_STEPS = ("lower", "punct", "whitespace")
+INSTRUCTION_SETS = ("seen", "heldout", "both")
 
 
 class ConfigError(ValueError):
@@ -164,6 +166,22 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Answers generated during validation, and the defaults `speechllm eval` takes from the run."""
+
+    generate: bool = False
+    """Validation also answers the dev examples (greedy) and logs each task's metrics as val/<task>/<metric>."""
+    generate_every_n_validations: int = 1
+    """Generate at every N-th validation only (loss is computed at every one)."""
+    max_new_tokens: Optional[int] = None
+    """Cap on generated tokens for every task; None: per-task defaults (short labels, long transcripts)."""
+    examples_table: int = 4
+    """Validation answers (audio, instruction, reference, prediction) logged as a W&B table; 0: none."""
+    wer_normalize: str = "lower,punct,whitespace"
+    """Text normalisation before WER: a comma-separated subset of lower, punct, whitespace, or none."""
+
+
+@dataclass
 class WandbConfig:
     mode: str = "auto"
     """auto: online when an API key is configured, else offline | online | offline | disabled."""
@@ -198,6 +216,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -231,6 +250,11 @@ def validate(cfg: DictConfig) -> None:
     _one_of("data.on_bad_example", cfg.data.on_bad_example, ("error", "skip"))
     _one_of("optim.schedule", cfg.optim.schedule, ("cosine", "constant"))
     _one_of("wandb.mode", cfg.wandb.mode, ("auto", "online", "offline", "disabled"))
+    for step in (s.strip() for s in cfg.eval.wer_normalize.split(",")):
+        if step not in (*WER_NORMALIZATION_STEPS, "none", ""):
+            raise ConfigError(f"eval.wer_normalize: '{step}' is not one of {', '.join(WER_NORMALIZATION_STEPS)}, none")
+    if cfg.eval.generate_every_n_validations < 1 or cfg.eval.examples_table < 0:
+        raise ConfigError("eval.generate_every_n_validations must be >= 1 and eval.examples_table >= 0")
     if cfg.model.llm.pretrained is None and "model_type" not in cfg.model.llm.architecture:
         raise ConfigError("model.llm: set `pretrained` (hub name or local path) or `architecture.model_type`")
     if cfg.trainer.max_steps == 0 or cfg.trainer.max_steps < -1:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-METRICS = ("wer", "bleu", "accuracy", "macro_f1", "slot_f1", "keyword_f1")
+METRICS = ("wer", "bleu", "rouge_l", "accuracy", "macro_f1", "slot_f1", "keyword_f1")
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
 _NULL_TAG = "tag:yaml.org,2002:null"
 
@@ -493,7 +493,7 @@ BUILTIN_TASKS = (
         "ac",
         "audio captioning",
         "a one-sentence caption",
-        "bleu",
+        "rouge_l",
         None,
         (
             "Describe the audio in one sentence.",

@@ -1,9 +1,12 @@
 """Per-task metrics: one `TaskMetric` per name in `speechllm.data.tasks.METRICS`.
 
 Each accumulates (prediction, reference) strings over batches and computes one number at the end.
-Text metrics are torchmetrics' (`WordErrorRate`, `SacreBLEUScore`, the multiclass F1); exact match
-and the set F1s (slots, keywords) are simple counts. Scales are torchmetrics': WER and BLEU are
-fractions (BLEU 0.25 is sacreBLEU's 25.0).
+Text metrics are torchmetrics' (`WordErrorRate`, `SacreBLEUScore`, `ROUGEScore`, the multiclass F1);
+exact match and the set F1s (slots, keywords) are simple counts. Scales are torchmetrics': WER, BLEU
+and ROUGE-L are fractions (BLEU 0.25 is sacreBLEU's 25.0).
+
+A task is scored with the metric it registers and that metric's companions (`task_metrics`):
+classification tasks report both accuracy and macro-F1, captioning both ROUGE-L and BLEU.
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ from collections.abc import Sequence
 
 import torch
 from torchmetrics.functional.classification import multiclass_f1_score
-from torchmetrics.text import SacreBLEUScore, WordErrorRate
+from torchmetrics.text import ROUGEScore, SacreBLEUScore, WordErrorRate
 
+from speechllm.config import WER_NORMALIZATION_STEPS
 from speechllm.data.tasks import METRICS
 
 NONE_ANSWER = "none"  # what slot filling (and a keyword list) answers when there is nothing to list
@@ -25,11 +29,38 @@ _PUNCTUATION = re.compile(r"[^\w\s']")  # \w keeps letters of every script, digi
 _QUOTE = re.compile(r"(?<!\w)'|'(?!\w)")  # an apostrophe not inside a word (don't) is a quote
 
 
-def normalize_text(text: str) -> str:
-    """Lowercase, punctuation replaced by spaces (apostrophes inside words kept), spaces collapsed."""
-    text = unicodedata.normalize("NFKC", text).lower()
-    text = _QUOTE.sub(" ", _PUNCTUATION.sub(" ", text))
-    return " ".join(text.split())
+# Companion metrics reported next to the one a task registers (first in the report).
+COMPANION_METRICS = {"accuracy": ("macro_f1",), "macro_f1": ("accuracy",), "rouge_l": ("bleu",)}
+
+
+def task_metrics(metric: str) -> tuple[str, ...]:
+    """The metrics a task registering `metric` is scored with: it first, then its companions."""
+    return (metric, *COMPANION_METRICS.get(metric, ()))
+
+
+def normalize_text(text: str, steps: Sequence[str] = WER_NORMALIZATION_STEPS) -> str:
+    """Unicode NFKC, then each of `steps`: `lower` (lowercase), `punct` (punctuation to spaces,
+    apostrophes inside words kept), `whitespace` (spaces collapsed, ends stripped)."""
+    text = unicodedata.normalize("NFKC", text)
+    if "lower" in steps:
+        text = text.lower()
+    if "punct" in steps:
+        text = _QUOTE.sub(" ", _PUNCTUATION.sub(" ", text))
+    if "whitespace" in steps:
+        text = " ".join(text.split())
+    return text
+
+
+def parse_normalization(spec: str) -> tuple[str, ...]:
+    """'lower,punct,whitespace' -> ('lower', 'punct', 'whitespace'); 'none' (or '') -> ()."""
+    steps = tuple(s.strip().lower() for s in spec.split(",") if s.strip())
+    if steps == ("none",):
+        return ()
+    unknown = [s for s in steps if s not in WER_NORMALIZATION_STEPS]
+    if unknown:
+        raise ValueError(f"text normalisation '{spec}': unknown step '{unknown[0]}' "
+                         f"(use a comma-separated subset of {','.join(WER_NORMALIZATION_STEPS)}, or none)")
+    return steps
 
 
 class TaskMetric(ABC):
@@ -46,16 +77,22 @@ class TaskMetric(ABC):
 
 
 class WER(TaskMetric):
-    """Word error rate on normalised text (lowercase, no punctuation): lower is better, may exceed 1."""
+    """Word error rate on normalised text (by default lowercase, no punctuation): lower is better, may exceed 1.
+
+    `normalize` picks the steps of `normalize_text` (e.g. `("lower",)` keeps punctuation, so
+    'lights.' against 'lights' is an error); words are split on whitespace either way.
+    """
 
     name = "wer"
     higher_is_better = False
 
-    def __init__(self):
+    def __init__(self, normalize: Sequence[str] = WER_NORMALIZATION_STEPS):
         self._metric = WordErrorRate()
+        self.normalize = tuple(normalize)
 
     def update(self, predictions, references):
-        self._metric.update([normalize_text(p) for p in predictions], [normalize_text(r) for r in references])
+        self._metric.update([normalize_text(p, self.normalize) for p in predictions],
+                            [normalize_text(r, self.normalize) for r in references])
 
     def compute(self) -> float:
         return float(self._metric.compute())
@@ -74,6 +111,27 @@ class BLEU(TaskMetric):
 
     def compute(self) -> float:
         return float(self._metric.compute())
+
+
+class RougeL(TaskMetric):
+    """ROUGE-L F-measure (longest common subsequence of words), averaged over examples: the caption metric.
+
+    torchmetrics' `ROUGEScore` without stemming (which would need nltk): text is lowercased and
+    reduced to letters and digits before matching.
+    """
+
+    name = "rouge_l"
+
+    def __init__(self):
+        self._metric = ROUGEScore(rouge_keys="rougeL")
+
+    def update(self, predictions, references):
+        self._metric.update(list(predictions), list(references))
+
+    def compute(self) -> float:
+        if not self._metric.rougeL_fmeasure:
+            return math.nan
+        return float(self._metric.compute()["rougeL_fmeasure"])
 
 
 class ExactMatch(TaskMetric):
@@ -189,20 +247,24 @@ def parse_keywords(text: str) -> set[str]:
     return {word for word in (normalize_text(part) for part in text.split(",")) if word}
 
 
-_METRICS: dict[str, type[TaskMetric]] = {m.name: m for m in (WER, BLEU, ExactMatch, MacroF1, SlotF1, KeywordF1)}
+_METRICS: dict[str, type[TaskMetric]] = {
+    m.name: m for m in (WER, BLEU, RougeL, ExactMatch, MacroF1, SlotF1, KeywordF1)
+}
 assert set(_METRICS) == set(METRICS), "every task metric name needs a TaskMetric"
 
 
-def build_metric(name: str) -> TaskMetric:
-    """A fresh accumulator for the metric a task registers (one of `speechllm.data.tasks.METRICS`)."""
-    try:
-        return _METRICS[name]()
-    except KeyError:
-        raise ValueError(f"unknown metric '{name}' (known: {', '.join(_METRICS)})") from None
+def build_metric(name: str, wer_normalize: Sequence[str] = WER_NORMALIZATION_STEPS) -> TaskMetric:
+    """A fresh accumulator for the metric a task registers (one of `speechllm.data.tasks.METRICS`).
+
+    `wer_normalize`: the text normalisation steps of WER (other metrics ignore it).
+    """
+    if name not in _METRICS:
+        raise ValueError(f"unknown metric '{name}' (known: {', '.join(_METRICS)})")
+    return WER(wer_normalize) if name == "wer" else _METRICS[name]()
 
 
-def score(name: str, predictions: Sequence[str], references: Sequence[str]) -> float:
-    """The metric `name` of predictions against references, in one call."""
-    metric = build_metric(name)
+def score(name: str, predictions: Sequence[str], references: Sequence[str], **options) -> float:
+    """The metric `name` of predictions against references, in one call (`options`: see build_metric)."""
+    metric = build_metric(name, **options)
     metric.update(predictions, references)
     return metric.compute()

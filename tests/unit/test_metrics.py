@@ -11,8 +11,10 @@ from speechllm.evaluation.metrics import (
     build_metric,
     normalize_text,
     parse_keywords,
+    parse_normalization,
     parse_slots,
     score,
+    task_metrics,
 )
 
 
@@ -35,6 +37,24 @@ def test_wer_counts_errors_over_all_reference_words_of_the_corpus():
     # 1 deletion out of 2 words, 0 errors out of 3 words: 1/5, not the mean of 1/2 and 0.
     assert score("wer", ["hello", "a b c"], ["hello world", "a b c"]) == pytest.approx(0.2)
     assert build_metric("wer").higher_is_better is False
+
+
+def test_wer_normalisation_steps_are_configurable():
+    prediction, reference = ["Turn off the lights."], ["turn off the lights"]
+    assert score("wer", prediction, reference, wer_normalize=("lower", "punct", "whitespace")) == 0.0
+    assert score("wer", prediction, reference, wer_normalize=("lower",)) == pytest.approx(0.25)  # 'lights.'
+    assert score("wer", prediction, reference, wer_normalize=("punct",)) == pytest.approx(0.25)  # 'Turn'
+    assert score("wer", prediction, reference, wer_normalize=()) == pytest.approx(0.5)
+    assert normalize_text(" A,  b ", ("punct",)) == " A   b "
+    assert normalize_text(" A,  b ", ("punct", "whitespace")) == "A b"
+
+
+def test_normalisation_spec_parses_step_lists_and_rejects_unknown_steps():
+    assert parse_normalization("lower,punct,whitespace") == ("lower", "punct", "whitespace")
+    assert parse_normalization(" Lower , punct") == ("lower", "punct")
+    assert parse_normalization("none") == () and parse_normalization("") == ()
+    with pytest.raises(ValueError, match="unknown step 'stem'"):
+        parse_normalization("lower,stem")
 
 
 def test_bleu_is_one_for_identical_text_and_zero_without_shared_words():
@@ -69,6 +89,30 @@ def test_macro_f1_counts_out_of_set_predictions_as_misses():
     references = ["neutral", "neutral", "sad"]
     assert score("macro_f1", predictions, references) == pytest.approx((2 / 3 + 1) / 2)
     assert score("macro_f1", ["Sad!"], ["sad"]) == 1.0
+
+
+def test_emotion_and_sentiment_report_accuracy_and_macro_f1():
+    registry = default_registry()
+    for task in ("er", "asc"):
+        assert task_metrics(registry.get(task).metric) == ("macro_f1", "accuracy")
+    assert task_metrics("accuracy") == ("accuracy", "macro_f1")
+    # 3 of 4 right: accuracy 3/4; happy F1 = 1, sad: P=1/2 R=1 F1=2/3, angry: R=0 F1=0 -> mean 5/9.
+    predictions = ["happy", "sad", "sad", "happy"]
+    references = ["happy", "sad", "angry", "happy"]
+    assert score("accuracy", predictions, references) == pytest.approx(3 / 4)
+    assert score("macro_f1", predictions, references) == pytest.approx((1 + 2 / 3 + 0) / 3)
+
+
+def test_captions_are_scored_with_rouge_l_and_bleu():
+    assert task_metrics(default_registry().get("ac").metric) == ("rouge_l", "bleu")
+    caption = "a dog barks while cars pass by"
+    assert score("rouge_l", [caption], [caption]) == pytest.approx(1.0)
+    assert score("rouge_l", ["birds sing"], [caption]) == 0.0
+    # LCS 'a dog barks' of 3 words: P = 3/4, R = 3/7, F = 2PR/(P+R) = 6/11; case and punctuation ignored.
+    assert score("rouge_l", ["A dog barks loudly."], [caption]) == pytest.approx(6 / 11)
+    # averaged over examples, not pooled: (1 + 0) / 2
+    assert score("rouge_l", [caption, "birds sing"], [caption, caption]) == pytest.approx(0.5)
+    assert math.isnan(build_metric("rouge_l").compute())
 
 
 def test_slot_pairs_parse_from_semicolon_lists():
