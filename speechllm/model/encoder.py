@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from torch import nn
 from transformers import (
@@ -85,6 +88,8 @@ class AudioEncoder(nn.Module):
 def _build(cfg: EncoderConfig) -> nn.Module:
     overrides = {**cfg.architecture, **_NO_STOCHASTICITY}
     if cfg.kind == "whisper":
+        if cfg.pretrained and _saved_architecture(cfg.pretrained) == "WhisperEncoder":  # an export's encoder/
+            return from_pretrained(WhisperEncoder, cfg.pretrained, "model.encoder.pretrained", **overrides)
         if cfg.pretrained:
             whisper = from_pretrained(WhisperModel, cfg.pretrained, "model.encoder.pretrained", **overrides)
             return whisper.get_encoder()
@@ -93,6 +98,14 @@ def _build(cfg: EncoderConfig) -> nn.Module:
     if cfg.pretrained:
         return from_pretrained(model_cls, cfg.pretrained, "model.encoder.pretrained", **overrides)
     return seeded_init(lambda: model_cls(config_cls(**overrides)))
+
+
+def _saved_architecture(source: str) -> str | None:
+    """The model class a local HF directory was saved from (config.json `architectures`), if any."""
+    config = Path(source) / "config.json"
+    if not config.is_file():
+        return None
+    return (json.loads(config.read_text()).get("architectures") or [None])[0]
 
 
 class _LogMel(nn.Module):

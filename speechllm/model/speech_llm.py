@@ -10,6 +10,7 @@ from torch import nn
 
 from speechllm.config import ModelConfig
 from speechllm.model.downsampler import ConvDownsampler
+from speechllm.model import export
 from speechllm.model.encoder import AudioEncoder
 from speechllm.model.layer_weights import LayerWeightedSum
 from speechllm.model.llm import add_lora, build_llm, build_tokenizer, check_vocabulary
@@ -54,6 +55,15 @@ class SpeechLLM(nn.Module):
 
     def trainable_groups(self) -> dict[str, dict[str, nn.Parameter]]:
         return trainable_groups(self)
+
+    def save_pretrained(self, path, merge_lora: bool = False, metadata: dict | None = None):
+        """A self-contained inference directory (see `speechllm.model.export`); `merge_lora` folds LoRA into the LLM."""
+        return export.save_pretrained(self, path, merge_lora=merge_lora, metadata=metadata)
+
+    @classmethod
+    def from_pretrained(cls, path) -> "SpeechLLM":
+        """The model a `save_pretrained` (or `speechllm export`) directory holds, in eval mode, without Lightning."""
+        return export.from_pretrained(path, cls)
 
     def encode_audio(self, wave: torch.Tensor, wave_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """wave (B, T), wave_mask (B, T) -> audio embeddings in LLM space (B, A, H) and their mask (B, A)."""
