@@ -33,10 +33,12 @@ train-stage2: $(STAMP) $(CORPUS)/train.jsonl
 train-curriculum: $(STAMP) $(CORPUS)/train.jsonl
 	$(BIN)/speechllm train stages/curriculum.yaml $(ARGS)
 
-# Per-task dev metrics of runs/stage1 (a table, runs/stage1/eval/dev.json and its predictions);
-# e.g. ARGS="--heldout-instructions --max-examples 20".
-eval: $(STAMP)
-	$(BIN)/speechllm eval runs/stage1 $(ARGS)
+# Per-task metrics of the last stage's run (runs/stage2 if it has a checkpoint, else runs/stage1) on the
+# offline test split: a table, and runs/<stage>/eval/test-seen/{report.json,report.md,predictions.jsonl,metrics.png};
+# e.g. ARGS="--instructions both --max-examples 20".
+EVAL_RUN = $(if $(wildcard runs/stage2/checkpoints/last.ckpt),runs/stage2,runs/stage1)
+eval: $(STAMP) $(CORPUS)/train.jsonl
+	$(BIN)/speechllm eval $(EVAL_RUN) --manifest $(CORPUS)/test.jsonl --split test $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests -q $(ARGS)

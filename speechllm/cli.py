@@ -1,4 +1,4 @@
-"""`speechllm train|eval|data` — one command line, subcommands per job.
+"""`speechllm train|eval|predict|export|data` — one command line, subcommands per job.
 
 User mistakes (config, data, checkpoints, unreachable models) end with one line on stderr and a
 non-zero exit code, never a traceback.
@@ -39,25 +39,91 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    from speechllm.evaluation.evaluate import EvalSettings, evaluate, print_table
+    from speechllm.evaluation.evaluate import EvalSettings, evaluate
+    from speechllm.evaluation.report import print_table
 
+    every_task, per_task = _token_budgets(args.max_new_tokens)
     report = evaluate(
         args.run_dir,
         EvalSettings(
             manifests=args.manifests,
             split=args.split,
-            heldout_instructions=args.heldout_instructions,
+            instructions=args.instructions,
             max_examples=args.max_examples,
             max_batch_size=args.max_batch_size,
             num_beams=args.num_beams,
-            max_new_tokens=args.max_new_tokens,
+            max_new_tokens=every_task,
+            max_new_tokens_per_task=per_task,
+            wer_normalize=args.wer_normalize,
             out=args.out,
             device=args.device,
         ),
     )
     print_table(report)
-    print(f"report: {report.report_path}\npredictions: {report.predictions_path}\n"
-          f"{len(report.predictions)} examples in {report.seconds:.1f}s")
+    print(f"reports in {report.out_dir}: {', '.join(p.name for p in report.files.values())}\n"
+          f"{len(report.predictions)} answers in {report.seconds:.1f}s")
+    return 0
+
+
+def _token_budgets(values: list[str]) -> tuple[int | None, dict[str, int]]:
+    """--max-new-tokens N (every task) and TASK=N (one task), repeatable."""
+    from speechllm.evaluation.evaluate import EvalError
+
+    every_task, per_task = None, {}
+    for value in values:
+        task, sep, number = value.rpartition("=")
+        try:
+            tokens = _positive_int(number)
+        except argparse.ArgumentTypeError:
+            raise EvalError(f"--max-new-tokens {value}: expected N or TASK=N with a positive N") from None
+        if sep:
+            per_task[task.strip().lower()] = tokens
+        else:
+            every_task = tokens
+    return every_task, per_task
+
+
+def _predict(args) -> int:
+    from speechllm.evaluation.evaluate import resolve_device
+    from speechllm.inference import (
+        PredictError, answer, load_inference_model, manifest_requests, sample_rate_of, single_request,
+        write_predictions,
+    )
+
+    if bool(args.audio) == bool(args.manifest):
+        raise PredictError("give either --audio FILE --instruction TEXT, or --manifest M.jsonl --out P.jsonl")
+    if args.manifest and not args.out:
+        raise PredictError("--manifest needs --out P.jsonl for the answers")
+    sample_rate = sample_rate_of(args.ckpt)  # reads only the config: input mistakes fail before the model loads
+    if args.audio:
+        requests = [single_request(args.audio, args.instruction, args.task)]
+    else:
+        requests = manifest_requests(args.manifest)
+    model, registry = load_inference_model(args.ckpt, resolve_device(args.device))
+    answers = answer(model, requests, sample_rate, registry, max_new_tokens=args.max_new_tokens,
+                     num_beams=args.num_beams, batch_size=args.batch_size)
+    if args.audio:
+        print(answers[0])
+    else:
+        write_predictions(args.out, requests, answers)
+        print(f"{len(answers)} answers written to {args.out}")
+    return 0
+
+
+def _export(args) -> int:
+    import torch
+
+    from speechllm.evaluation.evaluate import load_model, load_run_config, resolve_run
+    from speechllm.model.export import check_target
+
+    check_target(args.out)
+    run_dir, checkpoint = resolve_run(args.ckpt)
+    cfg = load_run_config(run_dir)
+    model, meta, _ = load_model(cfg, checkpoint, torch.device("cpu"))
+    source = {"checkpoint": str(checkpoint.resolve()), **{k: meta.get(k) for k in ("stage", "phase", "global_step")}}
+    out = model.save_pretrained(args.out, merge_lora=args.merge_lora, metadata={"source": source})
+    print(f"exported {checkpoint} to {out}{' (LoRA merged into the LLM)' if args.merge_lora else ''}; "
+          f"load it with SpeechLLM.from_pretrained('{out}') or `speechllm predict --ckpt {out}`")
     return 0
 
 
@@ -124,16 +190,48 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--manifest", dest="manifests", action="append", default=[],
                           help="manifest to evaluate (repeatable; default: the run's data.<split>_manifests)")
     evaluate.add_argument("--split", default="dev", help="names the report and picks the default manifests (default dev)")
-    evaluate.add_argument("--heldout-instructions", action="store_true",
-                          help="phrase instructions with the held-out templates training never saw")
+    evaluate.add_argument("--instructions", choices=("seen", "heldout", "both"), default="seen",
+                          help="phrase questions with training's templates (seen), the held-out templates training "
+                               "never used (heldout), or both, reported side by side (default seen)")
+    evaluate.add_argument("--heldout-instructions", dest="instructions", action="store_const", const="heldout",
+                          help="same as --instructions heldout")
     evaluate.add_argument("--max-examples", type=_positive_int, help="at most N examples per task (the first of each)")
     evaluate.add_argument("--max-batch-size", type=_positive_int, help="cap on examples per batch")
     evaluate.add_argument("--num-beams", type=_positive_int, default=1, help="1: greedy (default)")
-    evaluate.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    evaluate.add_argument("--max-new-tokens", action="append", default=[], metavar="N|TASK=N",
+                          help="generated-token budget for every task (N) or one task (TASK=N), repeatable; default "
+                               "per task: 32 for labels, 64 keywords, 96 slots, 128 transcripts/translations/captions")
+    evaluate.add_argument("--wer-normalize", metavar="STEPS",
+                          help="text normalisation before WER: comma-separated subset of lower,punct,whitespace, or "
+                               "none (default: the run's eval.wer_normalize, lower,punct,whitespace)")
     evaluate.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    evaluate.add_argument("--out", type=Path,
-                          help="JSON report (default <run>/eval/<split>[-heldout].json); predictions go next to it")
+    evaluate.add_argument("--out", type=Path, metavar="DIR",
+                          help="directory for report.json, report.md, predictions.jsonl, metrics.png "
+                               "(default <run>/eval/<split>-<instructions>)")
     evaluate.set_defaults(run=_eval)
+
+    predict = commands.add_parser("predict", help="answer an instruction about an audio file (or a manifest of them)")
+    predict.add_argument("--ckpt", required=True, metavar="CKPT|RUN_DIR|EXPORT_DIR",
+                         help="a run directory, a checkpoint in <run>/checkpoints/, or a `speechllm export` directory")
+    predict.add_argument("--audio", type=Path, help="one audio file (the answer is printed)")
+    predict.add_argument("--instruction", help="the question or instruction about --audio")
+    predict.add_argument("--task", help="the task --audio is asked for, picking its token budget (e.g. ic: short)")
+    predict.add_argument("--manifest", type=Path,
+                         help='JSONL rows {"audio": ..., "instruction": ...} (or "task" to draw an instruction)')
+    predict.add_argument("--out", type=Path, help="JSONL of the manifest's rows with their predictions")
+    predict.add_argument("--max-new-tokens", type=_positive_int,
+                         help="generated-token budget (default: the task's, else 128)")
+    predict.add_argument("--num-beams", type=_positive_int, default=1, help="1: greedy (default)")
+    predict.add_argument("--batch-size", type=_positive_int, default=8, help="manifest rows answered together")
+    predict.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    predict.set_defaults(run=_predict)
+
+    exporter = commands.add_parser("export", help="a self-contained inference directory (SpeechLLM.from_pretrained)")
+    exporter.add_argument("--ckpt", required=True, metavar="CKPT|RUN_DIR", help="a run directory or its checkpoint")
+    exporter.add_argument("--out", type=Path, required=True, metavar="DIR", help="directory to write (new or empty)")
+    exporter.add_argument("--merge-lora", action="store_true",
+                          help="fold the LoRA adapter into the LLM weights and save that LLM instead of the adapter")
+    exporter.set_defaults(run=_export)
 
     data = commands.add_parser("data", help="make and check data").add_subparsers(required=True, metavar="ACTION")
     synth = data.add_parser("synth", help="write the offline synthetic multi-task corpus")
@@ -180,12 +278,14 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from speechllm.data.tasks import TaskError
     from speechllm.data.converters import ConverterError
     from speechllm.evaluation.evaluate import EvalError
+    from speechllm.inference import PredictError
+    from speechllm.model.export import ExportError
     from speechllm.model.pretrained import ModelSourceError
     from speechllm.training.checkpoints import CheckpointError
     from speechllm.training.run import DataError
 
     return (ConfigError, DataError, ManifestError, TaskError, AudioError, CheckpointError, ModelSourceError, EvalError,
-            ConverterError)
+            ConverterError, PredictError, ExportError)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,17 @@
 """`speechllm eval`: a trained run's model, batched generation over manifests, per-task metrics.
 
 The model is rebuilt from the run's saved `config.yaml` (frozen parts from their source, as in
-training) and gets the trained groups of `checkpoints/last.ckpt`. Examples are batched by duration
-(`DurationBatchSampler`), answered with `SpeechLLM.generate`, and scored with each task's metric
-from the task registry. Writes a JSON report and a JSONL of every prediction.
+training) and gets the trained groups of `checkpoints/last.ckpt`. Examples are batched task by task
+and by duration (`DurationBatchSampler`), answered with `SpeechLLM.generate` under each task's token
+budget, once per instruction set (training's seen templates, held-out templates, or both), and scored
+with each task's metrics. `speechllm.evaluation.report` writes the results.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,18 +22,17 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
-from speechllm.config import ConfigError, RunConfig
+from speechllm.config import INSTRUCTION_SETS, ConfigError, RunConfig
 from speechllm.data.dataset import SpeechDataset, collate
 from speechllm.data.manifest import Example, validate_manifests
 from speechllm.data.sampler import DurationBatchSampler
 from speechllm.data.tasks import TaskRegistry
-from speechllm.evaluation.metrics import build_metric
+from speechllm.evaluation.generation import generate_by_task, token_budgets
+from speechllm.evaluation.metrics import TaskScores, parse_normalization, score_tasks
 from speechllm.model.parts import trainable_groups
 from speechllm.model.speech_llm import SpeechLLM
 from speechllm.training.checkpoints import LAST, META_KEY, CheckpointError, load_trained_weights, read_checkpoint
 from speechllm.training.run import build_registry
-
-SAMPLES_PER_TASK = 3  # example predictions kept in the JSON report, per task
 
 
 class EvalError(ValueError):
@@ -46,26 +44,36 @@ class EvalSettings:
     manifests: list[str] = field(default_factory=list)
     """Manifests to evaluate; empty: the run config's data.<split>_manifests."""
     split: str = "dev"
-    """Names the report (<split>.json) and picks the default manifests."""
-    heldout_instructions: bool = False
-    """Draw instructions from the held-out templates training never used (unseen-instruction evaluation)."""
+    """Names the default output directory and picks the default manifests."""
+    instructions: str = "seen"
+    """seen: phrased with training's templates; heldout: with the held-out templates training never
+    used (unseen-instruction evaluation); both: every example answered twice, reported side by side.
+    Rows with their own `instruction` keep it in every set."""
     max_examples: int | None = None
     """At most this many examples per task (the first ones of each task, in manifest order)."""
     max_batch_size: int | None = None
     """Cap on examples per batch; None uses the run's data.max_batch_size (batches fill data.max_batch_seconds)."""
     num_beams: int = 1
-    max_new_tokens: int = 128
+    max_new_tokens: int | None = None
+    """Generated-token budget for every task; None: each task's default (`generation.DEFAULT_MAX_NEW_TOKENS`)."""
+    max_new_tokens_per_task: dict[str, int] = field(default_factory=dict)
+    """Budgets for single tasks, over `max_new_tokens`."""
+    wer_normalize: str | None = None
+    """WER text normalisation, e.g. 'lower,punct,whitespace' or 'none'; None: the run's eval.wer_normalize."""
     out: Path | None = None
-    """JSON report path; None: <run>/eval/<split>[-heldout].json. Predictions go next to it (.predictions.jsonl)."""
+    """Output directory; None: <run>/eval/<split>-<instructions>/."""
     device: str = "auto"
     """auto: cuda if available, else cpu."""
     progress: bool = True
+    chart: bool = True
+    """Draw the metrics as a PNG bar chart (matplotlib)."""
 
 
 @dataclass
 class Prediction:
     id: str
     task: str
+    instructions: str  # the instruction set: seen | heldout
     instruction: str
     target: str
     prediction: str
@@ -73,86 +81,71 @@ class Prediction:
 
 
 @dataclass
-class TaskResult:
-    task: str
-    metric: str
-    value: float | None  # None when the metric is undefined (e.g. WER against empty references)
-    higher_is_better: bool
-    examples: int
-
-
-@dataclass
 class EvalReport:
     run_dir: Path
     checkpoint: Path
-    tasks: list[TaskResult]
+    instruction_sets: list[str]  # seen and/or heldout, the report's columns
+    scores: dict[str, list[TaskScores]]  # instruction set -> one entry per task present
     predictions: list[Prediction]
-    report_path: Path
-    predictions_path: Path
-    seconds: float
+    out_dir: Path
+    budgets: dict[str, int]  # max new tokens per task
+    details: dict  # what the JSON report records about the run and the settings
+    seconds: float = 0.0
+    files: dict[str, Path] = field(default_factory=dict)  # written by report.write_reports
 
 
 def evaluate(source: str | Path, settings: EvalSettings) -> EvalReport:
     """Evaluate the run directory (or checkpoint inside <run>/checkpoints/) `source`; writes the reports."""
+    from speechllm.evaluation.report import write_reports
+
     start = time.perf_counter()
+    if settings.instructions not in INSTRUCTION_SETS:
+        raise EvalError(f"--instructions {settings.instructions}: use one of {', '.join(INSTRUCTION_SETS)}")
+    sets = ["seen", "heldout"] if settings.instructions == "both" else [settings.instructions]
     run_dir, checkpoint = resolve_run(source)
     cfg = load_run_config(run_dir)
+    try:
+        normalization = parse_normalization(settings.wer_normalize or cfg.eval.wer_normalize)
+    except ValueError as err:
+        raise EvalError(f"--wer-normalize: {err}") from None
     device = resolve_device(settings.device)
     registry = build_registry(cfg.data.task_files)
+    unknown = sorted(set(settings.max_new_tokens_per_task) - set(registry.names()))
+    if unknown:
+        raise EvalError(f"--max-new-tokens {unknown[0]}=...: no task '{unknown[0]}' (tasks: {', '.join(registry.names())})")
     manifests = list(settings.manifests) or default_manifests(cfg, settings.split)
-    examples, skipped = load_eval_examples(cfg, registry, run_dir, manifests, settings)
+    examples, skipped = load_eval_examples(cfg, registry, run_dir, manifests, settings, heldout="heldout" in sets)
     model, meta, loaded = load_model(cfg, checkpoint, device)
-    dataset = SpeechDataset(examples, registry, cfg.model.encoder.sample_rate, seed=cfg.seed,
-                            heldout_instructions=settings.heldout_instructions)
-    predictions = generate_all(model, dataset, cfg, settings, device)
-    results = score_tasks(predictions, registry)
-    report = EvalReport(run_dir, checkpoint, results, predictions, *report_paths(run_dir, settings),
-                        seconds=time.perf_counter() - start)
-    write_reports(report, settings, {
+    budget = token_budgets(registry, settings.max_new_tokens, settings.max_new_tokens_per_task)
+    predictions = []
+    for instruction_set in sets:
+        dataset = SpeechDataset(examples, registry, cfg.model.encoder.sample_rate, seed=cfg.seed,
+                                heldout_instructions=instruction_set == "heldout")
+        predictions += generate_all(model, dataset, cfg, settings, device, budget, instruction_set)
+    scores = {
+        s: score_tasks(((p.task, p.prediction, p.target) for p in predictions if p.instructions == s), registry,
+                       normalization)
+        for s in sets
+    }
+    tasks = [t for t in registry.names() if any(e.task == t for e in examples)]
+    out_dir = Path(settings.out) if settings.out else run_dir / "eval" / f"{settings.split}-{settings.instructions}"
+    details = {
         "stage": meta.get("stage"),
         "phase": meta.get("phase"),
         "global_step": meta.get("global_step"),
         "loaded_groups": loaded,
-        "manifests": [str(m) for m in manifests],
-        "device": str(device),
-        "skipped_bad_rows": skipped,
-    })
-    return report
-
-
-def report_paths(run_dir: Path, settings: EvalSettings) -> tuple[Path, Path]:
-    """The JSON report (<run>/eval/<split>[-heldout].json unless --out) and the predictions JSONL next to it."""
-    name = f"{settings.split}{'-heldout' if settings.heldout_instructions else ''}.json"
-    report = Path(settings.out) if settings.out else run_dir / "eval" / name
-    return report, report.with_name(report.stem + ".predictions.jsonl")
-
-
-def write_reports(report: EvalReport, settings: EvalSettings, details: dict) -> None:
-    summary = {
-        "run_dir": str(report.run_dir),
-        "checkpoint": str(report.checkpoint),
-        **{k: details[k] for k in ("stage", "phase", "global_step", "loaded_groups")},
         "split": settings.split,
-        "heldout_instructions": settings.heldout_instructions,
-        "manifests": details["manifests"],
+        "manifests": [str(m) for m in manifests],
         "max_examples_per_task": settings.max_examples,
         "num_beams": settings.num_beams,
-        "max_new_tokens": settings.max_new_tokens,
-        "device": details["device"],
-        "examples": len(report.predictions),
-        "skipped_bad_rows": details["skipped_bad_rows"],
-        "seconds": round(report.seconds, 2),
-        "predictions_file": str(report.predictions_path),
-        "tasks": {
-            r.task: {**asdict(r), "samples": [asdict(p) for p in report.predictions if p.task == r.task][:SAMPLES_PER_TASK]}
-            for r in report.tasks
-        },
+        "wer_normalize": ",".join(normalization) or "none",
+        "device": str(device),
+        "skipped_bad_rows": skipped,
     }
-    report.report_path.parent.mkdir(parents=True, exist_ok=True)
-    report.report_path.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-    with open(report.predictions_path, "w", encoding="utf-8") as out:
-        for p in report.predictions:
-            out.write(json.dumps(asdict(p), ensure_ascii=False) + "\n")
+    report = EvalReport(run_dir, checkpoint, sets, scores, predictions, out_dir, {t: budget(t) for t in tasks}, details)
+    report.seconds = time.perf_counter() - start
+    write_reports(report, chart=settings.chart)
+    return report
 
 
 def resolve_device(name: str) -> torch.device:
@@ -206,9 +199,13 @@ def default_manifests(cfg: DictConfig, split: str) -> list[str]:
 
 
 def load_eval_examples(
-    cfg: DictConfig, registry: TaskRegistry, run_dir: Path, manifests: list[str], settings: EvalSettings
+    cfg: DictConfig, registry: TaskRegistry, run_dir: Path, manifests: list[str], settings: EvalSettings,
+    heldout: bool = False,
 ) -> tuple[list[Example], int]:
-    """Validated examples (bad rows stop evaluation, or are skipped with data.on_bad_example=skip), capped per task."""
+    """Validated examples (bad rows stop evaluation, or are skipped with data.on_bad_example=skip), capped per task.
+
+    `heldout`: the examples will be phrased with held-out templates, so their tasks must have some.
+    """
     report = validate_manifests(
         manifests,
         registry,
@@ -229,10 +226,10 @@ def load_eval_examples(
             examples.append(example)
     if not examples:
         raise EvalError(f"no usable examples in {', '.join(map(str, manifests))}")
-    if settings.heldout_instructions:
+    if heldout:
         lacking = sorted({e.task for e in examples if not e.instruction and not registry.get(e.task).heldout_templates})
         if lacking:
-            raise EvalError(f"--heldout-instructions: task(s) {', '.join(lacking)} have no held-out templates")
+            raise EvalError(f"--instructions {settings.instructions}: task(s) {', '.join(lacking)} have no held-out templates")
     return examples, len(report.problems)
 
 
@@ -256,57 +253,45 @@ def load_model(cfg: DictConfig, checkpoint: Path, device: torch.device) -> tuple
 
 
 def generate_all(
-    model: SpeechLLM, dataset: SpeechDataset, cfg: DictConfig, settings: EvalSettings, device: torch.device
+    model: SpeechLLM,
+    dataset: SpeechDataset,
+    cfg: DictConfig,
+    settings: EvalSettings,
+    device: torch.device,
+    budget,
+    instruction_set: str,
 ) -> list[Prediction]:
-    """Every example answered once, batched by duration; returned in manifest order."""
-    sampler = DurationBatchSampler(
-        [e.duration for e in dataset.examples],
-        max_batch_seconds=cfg.data.max_batch_seconds,
-        max_batch_size=settings.max_batch_size or cfg.data.max_batch_size,
-    )
+    """Every example answered once, in batches of one task (so each gets its task's token budget)
+    sorted by duration; returned in manifest order."""
+    batches = eval_batches(dataset, cfg.data.max_batch_seconds, settings.max_batch_size or cfg.data.max_batch_size)
     workers = cfg.data.num_workers
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
+    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=workers,
                         pin_memory=device.type == "cuda")
-    index = {example.id: i for i, example in enumerate(dataset.examples)}
     answers: dict[int, Prediction] = {}
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("batches"),
                TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True), disable=not settings.progress) as bar, torch.inference_mode():
-        job = bar.add_task(f"eval {settings.split} ({len(dataset)} examples)", total=len(sampler))
-        for batch in loader:
-            texts = model.generate(
-                batch.wave.to(device), batch.wave_mask.to(device), batch.instructions,
-                max_new_tokens=settings.max_new_tokens, num_beams=settings.num_beams,
-            )
-            for id_, task, instruction, target, text in zip(batch.ids, batch.tasks, batch.instructions, batch.targets, texts):
-                i = index[id_]
-                answers[i] = Prediction(id_, task, instruction, target, text, dataset.examples[i].audio)
+        job = bar.add_task(f"eval {settings.split}, {instruction_set} instructions ({len(dataset)} examples)",
+                           total=len(batches))
+        for keys, batch in zip(batches, loader):  # the loader keeps the batch order, workers or not
+            texts = generate_by_task(model, batch.wave.to(device), batch.wave_mask.to(device), batch.instructions,
+                                     batch.tasks, budget, num_beams=settings.num_beams)
+            for (i, _), instruction, text in zip(keys, batch.instructions, texts):
+                example = dataset.examples[i]
+                answers[i] = Prediction(example.id, example.task, instruction_set, instruction, example.target, text,
+                                        example.audio)
             bar.advance(job)
     return [answers[i] for i in sorted(answers)]
 
 
-def score_tasks(predictions: list[Prediction], registry: TaskRegistry) -> list[TaskResult]:
-    """One result per task present, in registry order, with the metric the task registers."""
-    by_task: dict[str, list[Prediction]] = defaultdict(list)
-    for p in predictions:
-        by_task[p.task].append(p)
-    results = []
-    for name in (n for n in registry.names() if n in by_task):
-        metric = build_metric(registry.get(name).metric)
-        metric.update([p.prediction for p in by_task[name]], [p.target for p in by_task[name]])
-        value = metric.compute()
-        value = value if math.isfinite(value) else None
-        results.append(TaskResult(name, metric.name, value, metric.higher_is_better, len(by_task[name])))
-    return results
-
-
-def print_table(report: EvalReport, console: Console | None = None) -> None:
-    from rich.table import Table
-
-    table = Table(title=f"{report.run_dir} ({report.checkpoint.name})")
-    for column, justify in (("task", "left"), ("metric", "left"), ("value", "right"), ("examples", "right")):
-        table.add_column(column, justify=justify)
-    for r in report.tasks:
-        arrow = "↑" if r.higher_is_better else "↓"
-        table.add_row(r.task, f"{r.metric} {arrow}", "n/a" if r.value is None else f"{r.value:.4f}", str(r.examples))
-    (console or Console()).print(table)
+def eval_batches(dataset: SpeechDataset, max_batch_seconds: float, max_batch_size: int | None) -> list[list[tuple[int, int]]]:
+    """(example index, epoch 0) batches: each holds one task's examples of similar duration."""
+    by_task: dict[str, list[int]] = defaultdict(list)
+    for i, example in enumerate(dataset.examples):
+        by_task[example.task].append(i)
+    batches = []
+    for rows in by_task.values():
+        sampler = DurationBatchSampler([dataset.examples[i].duration for i in rows], max_batch_seconds=max_batch_seconds,
+                                       max_batch_size=max_batch_size)
+        batches += [[(rows[j], epoch) for j, epoch in batch] for batch in sampler]
+    return batches

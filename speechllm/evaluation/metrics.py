@@ -15,14 +15,15 @@ import math
 import re
 import unicodedata
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torchmetrics.functional.classification import multiclass_f1_score
 from torchmetrics.text import ROUGEScore, SacreBLEUScore, WordErrorRate
 
 from speechllm.config import WER_NORMALIZATION_STEPS
-from speechllm.data.tasks import METRICS
+from speechllm.data.tasks import METRICS, TaskRegistry
 
 NONE_ANSWER = "none"  # what slot filling (and a keyword list) answers when there is nothing to list
 _PUNCTUATION = re.compile(r"[^\w\s']")  # \w keeps letters of every script, digits and '_' (intent labels)
@@ -268,3 +269,40 @@ def score(name: str, predictions: Sequence[str], references: Sequence[str], **op
     metric = build_metric(name, **options)
     metric.update(predictions, references)
     return metric.compute()
+
+
+@dataclass
+class TaskScores:
+    """One task's scores: its registered metric first, then the companions (`task_metrics`)."""
+
+    task: str
+    values: dict[str, float | None]  # None where the metric is undefined (e.g. WER against empty references)
+    higher_is_better: dict[str, bool]
+    examples: int
+
+    @property
+    def metric(self) -> str:
+        return next(iter(self.values))
+
+
+def score_tasks(
+    rows: Iterable[tuple[str, str, str]], registry: TaskRegistry, wer_normalize: Sequence[str] = WER_NORMALIZATION_STEPS
+) -> list[TaskScores]:
+    """(task, prediction, reference) rows -> one TaskScores per task present, in registry order."""
+    by_task: dict[str, tuple[list[str], list[str]]] = {}
+    for task, prediction, reference in rows:
+        predictions, references = by_task.setdefault(task, ([], []))
+        predictions.append(prediction)
+        references.append(reference)
+    scores = []
+    for name in (n for n in registry.names() if n in by_task):
+        predictions, references = by_task[name]
+        values, directions = {}, {}
+        for metric_name in task_metrics(registry.get(name).metric):
+            metric = build_metric(metric_name, wer_normalize=wer_normalize)
+            metric.update(predictions, references)
+            value = metric.compute()
+            values[metric_name] = value if math.isfinite(value) else None
+            directions[metric_name] = metric.higher_is_better
+        scores.append(TaskScores(name, values, directions, len(references)))
+    return scores

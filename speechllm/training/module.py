@@ -10,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
 from speechllm.data.dataset import Batch
+from speechllm.evaluation.validation import ValidationAnswers
 from speechllm.model.speech_llm import SpeechLLM
 from speechllm.training.checkpoints import META_KEY, CheckpointError, check_compatible, rng_states, set_rng_states
 from speechllm.training.stage_scheduler import StagePlan
@@ -26,6 +27,8 @@ class SpeechLLMModule(L.LightningModule):
         self.strict_loading = False
         self.wandb_run_id: str | None = None
         self._val_sums: torch.Tensor | None = None
+        self._val_answers: ValidationAnswers | None = None  # eval.generate: this validation's answers
+        self._validations = 0
         self._resumed_rng: dict | None = None
 
     def trained_state_keys(self) -> set[str]:
@@ -40,6 +43,9 @@ class SpeechLLMModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         # Per task: [sum of token losses, number of target tokens]; reduced across ranks at the end.
         self._val_sums = torch.zeros(len(self.task_names), 2, device=self.device, dtype=torch.float64)
+        self._validations += 1
+        if self.cfg.eval.generate and (self._validations - 1) % self.cfg.eval.generate_every_n_validations == 0:
+            self._val_answers = ValidationAnswers(self.cfg, self.plan.tasks)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         out = self.model(batch.wave, batch.wave_mask, batch.instructions, batch.targets)
@@ -47,8 +53,13 @@ class SpeechLLMModule(L.LightningModule):
             row = self._val_sums[self.task_names.index(task)]
             row[0] += loss.double() * tokens
             row[1] += tokens
+        if self._val_answers is not None:
+            self._val_answers.add(self.model, batch)
 
     def on_validation_epoch_end(self) -> None:
+        if self._val_answers is not None:
+            self._val_answers.finish(self)
+            self._val_answers = None
         sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
         present = sums[:, 1] > 0
         if not present.any():
