@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 LAST = "last.ckpt"
+PREVIOUS = "last-prev.ckpt"  # the last.ckpt that the newest one replaced: a fallback if last.ckpt is damaged
 META_KEY = "speechllm"
 # Model settings that change no tensor shape or meaning: a checkpoint may differ in these.
 _COMPATIBLE_KEYS = {"lora.dropout", "llm.prompt_prefix", "llm.answer_prefix"}
@@ -26,24 +28,41 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used here, with the reason in one line."""
 
 
+class UnreadableCheckpoint(CheckpointError):
+    """A file that does not load at all (truncated, overwritten, not a checkpoint)."""
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """torch.save to a temporary file in the same directory, fsync, then rename over the target.
 
-    A kill at any moment leaves either the previous complete file or the new complete file.
+    A kill at any moment leaves either the previous complete file or the new complete file. Before
+    writing, the free disk space is checked against the checkpoint's size; a write that fails anyway
+    (disk full, permissions) is one CheckpointError line and leaves the previous file untouched.
+    Replacing last.ckpt keeps the file it replaces as last-prev.ckpt (a hard link: no copy).
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a process killed mid-write
-            stale.unlink(missing_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a process killed mid-write
+                stale.unlink(missing_ok=True)
+        except OSError as err:
+            raise CheckpointError(f"{path}: cannot write checkpoints in {path.parent} ({_reason(err)})") from None
+        check_free_space(path, checkpoint_bytes(checkpoint))
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
             with open(tmp, "wb") as f:
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
+            if path.name == LAST and path.is_file():
+                _keep_as(path, path.with_name(PREVIOUS))
             os.replace(tmp, path)
+        except OSError as err:
+            raise CheckpointError(
+                f"{path}: writing the checkpoint failed ({_reason(err)}); the previous checkpoint is untouched"
+            ) from None
         finally:
             tmp.unlink(missing_ok=True)
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -51,6 +70,56 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.fsync(dir_fd)  # make the rename itself durable
         finally:
             os.close(dir_fd)
+
+
+def checkpoint_bytes(tree: Any) -> int:
+    """Bytes of the tensors in a checkpoint: what torch.save writes, give or take the pickled metadata."""
+    if isinstance(tree, torch.Tensor):
+        return tree.numel() * tree.element_size()
+    if isinstance(tree, dict):
+        return sum(checkpoint_bytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(checkpoint_bytes(v) for v in tree)
+    return 0
+
+
+def check_free_space(path: Path, size: int) -> None:
+    """Refuse to start a write that cannot finish: a full disk would fail it halfway, after minutes."""
+    needed = int(size * 1.1) + (1 << 20)
+    free = shutil.disk_usage(path.parent).free
+    if free < needed:
+        raise CheckpointError(
+            f"{path}: not enough disk space for the checkpoint (needs about {needed / 2**20:.0f} MiB, "
+            f"{free / 2**20:.0f} MiB free in {path.parent}); free some space or set output_dir to another disk"
+        )
+
+
+def check_writable(directory: Path) -> None:
+    """Fail at start-up, not at the first checkpoint, when the checkpoint directory cannot be written."""
+    probe = directory / f".write-test-{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise CheckpointError(
+            f"{directory}: checkpoints cannot be written there ({_reason(err)}); "
+            "fix the directory or set output_dir / run_name to a writable place"
+        ) from None
+
+
+def _keep_as(path: Path, previous: Path) -> None:
+    tmp = previous.with_name(f".{previous.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(path, tmp)
+    except OSError:  # file systems without hard links
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, previous)
+
+
+def _reason(err: OSError) -> str:
+    return f"{err.strerror}: {err.filename}" if err.strerror and err.filename else err.strerror or str(err)
 
 
 def resolve_checkpoint(source: str | Path, key: str) -> Path:
@@ -67,7 +136,24 @@ def read_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # pickle, zip and EOF errors all mean the same thing here
-        raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from None
+        cause = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise UnreadableCheckpoint(f"{path}: unreadable checkpoint ({type(err).__name__}: {cause})") from None
+
+
+def newest_readable(directory: Path, exclude: Path | None = None) -> tuple[Path, int] | None:
+    """The readable checkpoint with the highest global step in `directory` (last-prev, best-k, ...)."""
+    found = []
+    for path in sorted(directory.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True):
+        if exclude is not None and path.resolve() == exclude.resolve():
+            continue
+        try:
+            found.append((read_checkpoint(path).get("global_step", -1), path))
+        except UnreadableCheckpoint:
+            continue
+    if not found:
+        return None
+    step, path = max(found, key=lambda entry: entry[0])
+    return path, step
 
 
 def rng_states() -> dict[str, Any]:
