@@ -33,6 +33,10 @@ def load_audio(path: str | Path, sample_rate: int) -> tuple[torch.Tensor, AudioI
         data, file_rate = sf.read(str(path), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, OSError) as err:
         raise AudioError(f"{path}: unreadable audio ({err})") from None
+    if data.shape[0] == 0:
+        raise AudioError(f"{path}: zero-length audio")
+    if not np.isfinite(data).all():  # a NaN sample would turn the whole batch's loss into NaN
+        raise AudioError(f"{path}: non-finite samples (NaN or inf)")
     info = AudioInfo(sample_rate=file_rate, channels=data.shape[1], frames=data.shape[0])
     wave = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1)))  # stereo and more: mix down
     return resample(wave, file_rate, sample_rate), info

@@ -1,15 +1,22 @@
-"""SpeechDataset: validated examples -> (waveform, instruction, target); collate pads into a Batch."""
+"""SpeechDataset: validated examples -> (waveform, instruction, target); collate pads into a Batch.
+
+An audio file can break after the start-up validation (overwritten, truncated, on a failing disk). With
+`substitute_bad=True` (training) such an example is replaced by the readable example of the same task
+nearest in duration, and the Item says which example was bad and why: every DDP rank still gets a full
+batch of the usual shape, and the training loop decides what to do (`data.on_bad_example`).
+"""
 
 from __future__ import annotations
 
+import bisect
 import random
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Sequence
 
 import torch
 from torch.utils.data import Dataset
 
-from speechllm.data.audio import load_audio
+from speechllm.data.audio import AudioError, load_audio
 from speechllm.data.manifest import Example
 from speechllm.data.tasks import TaskRegistry
 
@@ -22,6 +29,7 @@ class Batch:
     targets: list[str]
     tasks: list[str]
     ids: list[str]
+    bad: list["BadExample"] = field(default_factory=list)  # examples replaced by a substitute in this batch
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -32,6 +40,19 @@ class Batch:
         })
 
 
+@dataclass(frozen=True)
+class BadExample:
+    """An example whose audio could not be used when it was loaded, and what stood in for it."""
+
+    id: str
+    source: str  # manifest:line
+    reason: str  # the AudioError: file and cause
+    substitute: str | None  # id of the example used instead; None: no readable one was found
+
+    def __str__(self) -> str:  # the format of skipped_<split>_examples.txt
+        return f"{self.source}: example '{self.id}' became unusable during training: {self.reason}"
+
+
 @dataclass
 class Item:
     wave: torch.Tensor
@@ -39,6 +60,7 @@ class Item:
     target: str
     task: str
     id: str
+    bad: BadExample | None = None
 
 
 class SpeechDataset(Dataset):
@@ -47,7 +69,10 @@ class SpeechDataset(Dataset):
     A row without an explicit instruction gets one drawn from its task's templates with an RNG seeded
     by (seed, index, epoch): the same example is phrased differently each epoch, identically on
     every run and every rank. `heldout_instructions` draws from the held-out templates (evaluation).
+    Unreadable audio raises AudioError, or with `substitute_bad` is replaced (see the module docstring).
     """
+
+    MAX_SUBSTITUTE_TRIES = 8
 
     def __init__(
         self,
@@ -56,12 +81,15 @@ class SpeechDataset(Dataset):
         sample_rate: int,
         seed: int = 0,
         heldout_instructions: bool = False,
+        substitute_bad: bool = False,
     ):
         self.examples = list(examples)
         self.registry = registry
         self.sample_rate = sample_rate
         self.seed = seed
         self.heldout_instructions = heldout_instructions
+        self.substitute_bad = substitute_bad
+        self._by_duration: dict[str, list[tuple[float, int]]] | None = None
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -69,7 +97,12 @@ class SpeechDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> Item:
         index, epoch = key
         example = self.examples[index]
-        wave, _ = load_audio(example.audio, self.sample_rate)
+        try:
+            wave, _ = load_audio(example.audio, self.sample_rate)
+        except AudioError as err:
+            if not self.substitute_bad:
+                raise
+            return self._substitute(index, epoch, str(err))
         return Item(wave, self.instruction(index, epoch), example.target, example.task, example.id)
 
     def instruction(self, index: int, epoch: int) -> str:
@@ -78,6 +111,42 @@ class SpeechDataset(Dataset):
             return example.instruction
         rng = random.Random(f"{self.seed}:{index}:{epoch}")
         return self.registry.get(example.task).instruction(example.fields, rng, heldout=self.heldout_instructions)
+
+    def _substitute(self, index: int, epoch: int, reason: str) -> Item:
+        """The same task's readable example nearest in duration (so the batch keeps its size), tried outwards."""
+        example = self.examples[index]
+        for other in self._neighbours(index, self.MAX_SUBSTITUTE_TRIES):
+            try:
+                wave, _ = load_audio(self.examples[other].audio, self.sample_rate)
+            except AudioError:
+                continue
+            stand_in = self.examples[other]
+            bad = BadExample(example.id, example.source, reason, stand_in.id)
+            return Item(wave, self.instruction(other, epoch), stand_in.target, stand_in.task, stand_in.id, bad)
+        # Nothing readable nearby: silence keeps the batch's shape; the training loop stops on `substitute=None`.
+        silence = torch.zeros(self.sample_rate)
+        bad = BadExample(example.id, example.source, reason, None)
+        return Item(silence, self.instruction(index, epoch), example.target, example.task, example.id, bad)
+
+    def _neighbours(self, index: int, limit: int) -> list[int]:
+        if self._by_duration is None:
+            self._by_duration = {}
+            for i, e in enumerate(self.examples):
+                self._by_duration.setdefault(e.task, []).append((e.duration, i))
+            for entries in self._by_duration.values():
+                entries.sort()
+        entries = self._by_duration[self.examples[index].task]
+        duration = self.examples[index].duration
+        at = bisect.bisect_left(entries, (duration, index))
+        below, above, nearest = at - 1, at + 1, []
+        while len(nearest) < limit and (below >= 0 or above < len(entries)):
+            if above >= len(entries) or (below >= 0 and duration - entries[below][0] <= entries[above][0] - duration):
+                nearest.append(entries[below][1])
+                below -= 1
+            else:
+                nearest.append(entries[above][1])
+                above += 1
+        return nearest
 
 
 def collate(items: list[Item]) -> Batch:
@@ -92,4 +161,5 @@ def collate(items: list[Item]) -> Batch:
         targets=[item.target for item in items],
         tasks=[item.task for item in items],
         ids=[item.id for item in items],
+        bad=[item.bad for item in items if item.bad is not None],
     )

@@ -44,9 +44,11 @@ class SpeechDataModule(L.LightningDataModule):
         self.data = cfg.data
         self.plan = plan
         sample_rate = cfg.model.encoder.sample_rate
-        self.train_set = SpeechDataset(train_examples, registry, sample_rate, seed=cfg.seed)
+        # Audio that breaks mid-run is replaced in its batch (DDP ranks keep identical batch shapes) and
+        # reported; FaultGuard applies data.on_bad_example to it.
+        self.train_set = SpeechDataset(train_examples, registry, sample_rate, seed=cfg.seed, substitute_bad=True)
         dev = validation_examples(dev_examples, plan.tasks, self.data.max_dev_examples)
-        self.dev_set = SpeechDataset(dev, registry, sample_rate, seed=cfg.seed)
+        self.dev_set = SpeechDataset(dev, registry, sample_rate, seed=cfg.seed, substitute_bad=True)
         self.mixture = mixture_schedule(plan, train_examples, cfg.trainer.accumulate_grad_batches)
         self.token_counts = None
         if self.data.max_batch_tokens is not None:
