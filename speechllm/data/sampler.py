@@ -298,6 +298,8 @@ class DurationBatchSampler(Sampler[Batch]):
     """Evaluation batches: every example once, sorted by duration to pad little, dealt round-robin to ranks.
 
     Ranks differ by at most one batch; nothing is dropped or repeated, so metrics see each example once.
+    Every rank gets at least one batch (Lightning refuses an empty validation loader on one rank): when
+    there are fewer batches than ranks, the largest ones are split.
     """
 
     def __init__(
@@ -317,6 +319,12 @@ class DurationBatchSampler(Sampler[Batch]):
         order = np.argsort(durations, kind="stable")
         tokens = None if max_batch_tokens is None else np.asarray(token_counts)[order]
         batches = budget.pack(durations[order], tokens, [(0, len(order))])
+        if 0 < len(order) < world_size:
+            raise ValueError(f"{len(order)} evaluation example(s) cannot be shared by {world_size} processes")
+        while 0 < len(batches) < world_size:
+            a, b = max(batches, key=lambda batch: batch[1] - batch[0])
+            at = batches.index((a, b))
+            batches[at : at + 1] = [(a, (a + b) // 2), ((a + b) // 2, b)]
         self._batches = [order[a:b].tolist() for a, b in batches[rank::world_size]]
 
     def __len__(self) -> int:

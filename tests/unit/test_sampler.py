@@ -251,3 +251,10 @@ def test_batch_order_mixes_duration_buckets_within_an_epoch():
     medians = [np.median(durations[[i for i, _ in batch]]) for batch in sampler]
     # Unshuffled, the epoch would start with the whole shortest bucket (all medians under 2 s).
     assert min(medians) < 2.5 and max(medians) > 7.0
+
+
+def test_every_rank_gets_an_evaluation_batch_when_they_would_fit_in_fewer():
+    durations = [2.0, 2.5, 3.0, 1.0, 1.5]  # one 12 s batch, shared by 4 ranks
+    ranks = [list(DurationBatchSampler(durations, max_batch_seconds=12.0, rank=r, world_size=4)) for r in range(4)]
+    assert all(len(batches) == 1 for batches in ranks)
+    assert sorted(i for batches in ranks for batch in batches for i, _ in batch) == list(range(5))
