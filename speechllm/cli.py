@@ -27,13 +27,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args) -> int:
     from speechllm.config import load_config
+    from speechllm.training.faults import TrainingStopped
     from speechllm.training.run import train
 
     stage, overrides = args.stage, list(args.overrides)
     if stage and "=" in stage:  # `speechllm train key=value` without a stage file
         stage, overrides = DEFAULT_STAGE, [stage] + overrides
     cfg = load_config(stage or DEFAULT_STAGE, overrides)
-    run = train(cfg)
+    try:
+        run = train(cfg)
+    except TrainingStopped as stop:  # preempted (exit 128 + signal), or a fault it must not train through
+        print(f"{stop.kind}: {stop}", file=sys.stderr)
+        return stop.exit_code
     print(f"run saved in {run.run_dir}")
     return 0
 

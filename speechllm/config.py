@@ -104,7 +104,8 @@ class DataConfig:
     num_buckets: int = 10
     num_workers: int = 2
     on_bad_example: str = "error"
-    """error: stop before training and list the bad rows; skip: drop them, count and list them."""
+    """error: stop before training and list the bad rows; skip: drop them, count and list them. The same
+    applies to an audio file that turns unreadable during training (README, "Reliability")."""
     max_dev_examples: Optional[int] = None
     """Cap on validation examples, taken task by task from the tasks the run trains, for quick checks."""
 
@@ -162,7 +163,22 @@ class TrainerConfig:
 @dataclass
 class CheckpointConfig:
     every_n_steps: int = 100
-    """Write checkpoints/last.ckpt every N steps (and always at the end of training)."""
+    """Write checkpoints/last.ckpt every N steps (and always at the end of training); the file it replaces
+    stays as last-prev.ckpt, a fallback should last.ckpt become unreadable."""
+    keep_best: int = 0
+    """Also keep the K best checkpoints by `monitor` (checkpoints/best-step=...ckpt), ranked at each validation."""
+    monitor: str = "val/loss"
+    """Validation metric that ranks checkpoints for keep_best: val/loss, val/loss/<task>, ..."""
+    mode: str = "min"
+    """min: a lower `monitor` is better | max."""
+
+
+@dataclass
+class FaultsConfig:
+    max_bad_steps: int = 10
+    """A step with a non-finite loss or gradient is skipped (no update); this many in a row stop the run."""
+    slurm_requeue: bool = True
+    """On SIGUSR1 inside a SLURM job, requeue the job (`scontrol requeue`) once the checkpoint is saved."""
 
 
 @dataclass
@@ -216,6 +232,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
@@ -250,6 +267,13 @@ def validate(cfg: DictConfig) -> None:
     _one_of("data.on_bad_example", cfg.data.on_bad_example, ("error", "skip"))
     _one_of("optim.schedule", cfg.optim.schedule, ("cosine", "constant"))
     _one_of("wandb.mode", cfg.wandb.mode, ("auto", "online", "offline", "disabled"))
+    _one_of("checkpoint.mode", cfg.checkpoint.mode, ("min", "max"))
+    if not cfg.checkpoint.monitor.startswith("val/"):
+        raise ConfigError(f"checkpoint.monitor: '{cfg.checkpoint.monitor}' is not a validation metric (val/...)")
+    if cfg.checkpoint.keep_best < 0:
+        raise ConfigError(f"checkpoint.keep_best: {cfg.checkpoint.keep_best} must be 0 (off) or more")
+    if cfg.faults.max_bad_steps < 1:
+        raise ConfigError(f"faults.max_bad_steps: {cfg.faults.max_bad_steps} must be at least 1")
     for step in (s.strip() for s in cfg.eval.wer_normalize.split(",")):
         if step not in (*WER_NORMALIZATION_STEPS, "none", ""):
             raise ConfigError(f"eval.wer_normalize: '{step}' is not one of {', '.join(WER_NORMALIZATION_STEPS)}, none")

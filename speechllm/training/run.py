@@ -9,20 +9,26 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from speechllm.data.manifest import Example, validate_manifests
 from speechllm.data.tasks import TaskRegistry, default_registry
+from speechllm.model.pretrained import check_model_sources
 from speechllm.training.checkpoints import (
     LAST,
     META_KEY,
     AtomicCheckpointIO,
     CheckpointError,
+    UnreadableCheckpoint,
+    check_writable,
     load_trained_weights,
+    newest_readable,
     read_compatible,
 )
 from speechllm.training.datamodule import SpeechDataModule
+from speechllm.training.faults import FaultGuard
 from speechllm.training.loggers import build_loggers, finish_loggers
 from speechllm.training.module import SpeechLLMModule
 from speechllm.training.stage_scheduler import StagePlan, StageScheduler
@@ -52,10 +58,12 @@ def train(cfg: DictConfig) -> TrainingRun:
     plan = StagePlan(cfg)
     # Checkpoints are checked first: a wrong path or model config fails in seconds, not after data checks.
     resume_path = resolve_resume(cfg, run_dir)
-    resumed = read_compatible(resume_path, cfg.model, "resume") if resume_path else None
+    resumed = read_resume(resume_path, cfg.model) if resume_path else None
     initial = read_compatible(cfg.init_from, cfg.model) if cfg.init_from and resumed is None else None
+    check_model_sources(cfg.model)  # a model name that cannot be found fails now, not after the data checks
     train_data = load_examples(cfg, registry, run_dir, "train")
     dev_data = load_examples(cfg, registry, run_dir, "dev")
+    check_writable(run_dir / "checkpoints")
 
     module = SpeechLLMModule(cfg, plan, registry.names())
     datamodule = SpeechDataModule(
@@ -74,10 +82,13 @@ def train(cfg: DictConfig) -> TrainingRun:
         OmegaConf.save(cfg, run_dir / "config.yaml")
     for logger in trainer.loggers:  # counts of skipped, resampled, ... rows, next to the config
         logger.log_hyperparams({"data_stats": {"train": train_data.stats, "dev": dev_data.stats}})
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
-    # The periodic checkpoint may predate the last steps; the final state always lands in last.ckpt.
-    trainer.save_checkpoint(run_dir / "checkpoints" / LAST)
-    finish_loggers(trainer.loggers)
+    try:
+        # A preempted or faulty run ends in TrainingStopped (faults.py), having saved last.ckpt itself.
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
+        # The periodic checkpoint may predate the last steps; the final state always lands in last.ckpt.
+        trainer.save_checkpoint(run_dir / "checkpoints" / LAST)
+    finally:
+        finish_loggers(trainer.loggers)
     return TrainingRun(run_dir, module)
 
 
@@ -87,15 +98,36 @@ def build_trainer(
     t = cfg.trainer
     callbacks = [
         StageScheduler(plan),
+        FaultGuard(cfg, run_dir),
         ModelCheckpoint(
             dirpath=run_dir / "checkpoints",
             every_n_train_steps=cfg.checkpoint.every_n_steps,
             save_top_k=0,
             save_last=True,
             save_on_train_epoch_end=False,
+            # Always last.ckpt: a moved run directory or resume=never would otherwise write last-v1.ckpt,
+            # and resume=auto would go on reading the stale last.ckpt.
+            enable_version_counter=False,
         ),
         LearningRateMonitor(logging_interval="step"),
     ]
+    if cfg.checkpoint.keep_best and validate:
+        monitor = cfg.checkpoint.monitor
+        callbacks.append(ModelCheckpoint(
+            dirpath=run_dir / "checkpoints",
+            filename=f"best-step={{step}}-{monitor.replace('/', '_')}={{{monitor}:.4f}}",
+            auto_insert_metric_name=False,
+            monitor=monitor,
+            mode=cfg.checkpoint.mode,
+            save_top_k=cfg.checkpoint.keep_best,
+            save_on_train_epoch_end=False,
+            enable_version_counter=False,
+        ))
+    plugins = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        # FaultGuard handles SIGUSR1 (save at a step boundary, then requeue); Lightning's auto-requeue
+        # would save mid-step to an hpc_ckpt_*.ckpt that resume=auto does not read.
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     if t.enable_progress_bar:
         callbacks.append(RichProgressBar())
     return L.Trainer(
@@ -117,7 +149,7 @@ def build_trainer(
         default_root_dir=run_dir,
         logger=build_loggers(cfg, run_dir, wandb_run_id, resume_step),
         callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
+        plugins=plugins,
         use_distributed_sampler=False,  # our batch sampler shards across ranks itself
     )
 
@@ -171,6 +203,20 @@ def load_examples(cfg: DictConfig, registry: TaskRegistry, run_dir: Path, split:
         "resampled": report.resampled,
     }
     return SplitData(report.examples, stats)
+
+
+def read_resume(path: Path, model_cfg: DictConfig) -> dict:
+    """The checkpoint to resume; an unreadable one is reported with the newest readable one next to it."""
+    try:
+        return read_compatible(path, model_cfg, "resume")
+    except UnreadableCheckpoint as err:
+        other = newest_readable(path.parent, exclude=path)
+        if other is None:
+            hint = "no other readable checkpoint next to it: start over with resume=never"
+        else:
+            hint = (f"the newest readable checkpoint there is {other[0]} (step {other[1]}): continue from it with "
+                    f"resume={other[0]}, or start over with resume=never")
+        raise CheckpointError(f"{err}; {hint}") from None
 
 
 def resolve_resume(cfg: DictConfig, run_dir: Path) -> Path | None:

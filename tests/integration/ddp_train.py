@@ -1,11 +1,12 @@
 """Train one stage under Lightning DDP; each rank writes checksums of its trained weights and its batches.
 
-    python tests/integration/ddp_train.py OUT_DIR [--naive] STAGE_FILE [key=value ...]
+    python tests/integration/ddp_train.py OUT_DIR [--naive] [--inf-loss=RANK:STEP] STAGE_FILE [key=value ...]
 
 Lightning starts the other ranks by running this command line again (with LOCAL_RANK set), so every
 rank runs `train()` and writes OUT_DIR/rank<N>.json. `--naive` swaps in the freezing that the
 StageScheduler avoids, for the regression guard: requires_grad follows the current phase and is
-flipped at the phase boundary, after DDP wrapped the model.
+flipped at the phase boundary, after DDP wrapped the model. `--inf-loss` makes one rank's loss infinite at
+one step (its gradients stay finite): only that rank can see the fault, yet every rank must skip the step.
 """
 
 from __future__ import annotations
@@ -21,12 +22,16 @@ from speechllm.training.run import train
 from speechllm.training.stage_scheduler import StageScheduler
 
 
-def _record_batches(seen: list[list[str]]) -> None:
+def _record_batches(seen: list[list[str]], weights: list[str], inf_loss: tuple[int, int] | None) -> None:
     training_step = SpeechLLMModule.training_step
 
     def recording_step(self, batch, batch_idx):
         seen.append(list(batch.ids))
-        return training_step(self, batch, batch_idx)
+        weights.append(_checksum({k: v for k, v in self.named_parameters() if v.requires_grad}))
+        loss = training_step(self, batch, batch_idx)
+        if inf_loss == (self.global_rank, self.global_step):
+            loss = loss + float("inf")
+        return loss
 
     SpeechLLMModule.training_step = recording_step
 
@@ -52,12 +57,14 @@ def _naive_freezing() -> None:
 
 def main(argv: list[str]) -> None:
     out = Path(argv[0])
-    naive = argv[1] == "--naive"
-    stage, *overrides = argv[2:] if naive else argv[1:]
-    if naive:
+    flags = [arg for arg in argv[1:] if arg.startswith("--")]
+    stage, *overrides = [arg for arg in argv[1:] if not arg.startswith("--")]
+    if "--naive" in flags:
         _naive_freezing()
+    inf_loss = next((tuple(map(int, f.split("=")[1].split(":"))) for f in flags if f.startswith("--inf-loss=")), None)
     seen: list[list[str]] = []
-    _record_batches(seen)
+    weights: list[str] = []
+    _record_batches(seen, weights, inf_loss)
     run = train(load_config(stage, overrides))
     groups = run.module.model.trainable_groups()
     report = {
@@ -66,6 +73,7 @@ def main(argv: list[str]) -> None:
         "sha256": {group: _checksum(params) for group, params in groups.items()},
         "lora_b_max": max(p.abs().max().item() for name, p in groups["lora"].items() if "lora_B" in name),
         "batches": seen,
+        "weights_by_step": weights,  # trained parameters at the start of each training step
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{report['rank']}.json").write_text(json.dumps(report))

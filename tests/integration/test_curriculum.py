@@ -240,7 +240,9 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_whole(t
     assert torch.load(target, weights_only=True)["step"] == 1
     assert list(target.parent.glob(".last.ckpt.tmp-*")), "the kill did not land during the write"
     AtomicCheckpointIO().save_checkpoint({"step": 3}, target)
-    assert [p.name for p in target.parent.iterdir()] == ["last.ckpt"], "a killed writer's temporary file remains"
+    names = sorted(p.name for p in target.parent.iterdir())
+    assert names == ["last-prev.ckpt", "last.ckpt"], "a killed writer's temporary file remains"
+    assert torch.load(target.with_name("last-prev.ckpt"), weights_only=True)["step"] == 1  # the one replaced
     # The control: a plain torch.save loses the previous checkpoint to the same kill.
     plain = tmp_path / "plain" / "last.ckpt"
     plain.parent.mkdir()
