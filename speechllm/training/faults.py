@@ -59,6 +59,7 @@ class FaultGuard(L.Callback):
         self._loss_finite = torch.tensor(True)
         self._bad_streak: list[tuple[int, list[str]]] = []  # consecutive skipped steps: (step, example ids)
         self._stop: TrainingStopped | None = None  # decided and saved after a step, raised at the next hook
+        self._saving_before_batch = False
 
     # Signals ---------------------------------------------------------------------------------------------
 
@@ -73,14 +74,15 @@ class FaultGuard(L.Callback):
     def _on_signal(self, signum: int, frame) -> None:
         self._signals.add(signum)
 
-    def _preempt(self, trainer: L.Trainer, sigusr1: bool) -> TrainingStopped:
-        self._save(trainer)
+    def _preempt(self, trainer: L.Trainer, sigusr1: bool, before_batch: bool = False) -> TrainingStopped:
+        saved = self._save(trainer, before_batch)
         name, signum = ("SIGUSR1", signal.SIGUSR1) if sigusr1 else ("SIGTERM", signal.SIGTERM)
-        then = "run the same command to resume"
+        then = "run the same command to resume" if saved else "run the same command to start again"
         if sigusr1 and self.slurm_requeue and os.environ.get("SLURM_JOB_ID") and trainer.is_global_zero:
             then = requeue_slurm_job()
+        where = f"and saved {self.last}" if saved else "before the first step, nothing to save"
         return TrainingStopped(
-            f"{name} received: stopped at step {trainer.global_step} and saved {self.last}; {then}",
+            f"{name} received: stopped at step {trainer.global_step} {where}; {then}",
             exit_code=128 + signum, kind="stopped",
         )
 
@@ -102,9 +104,9 @@ class FaultGuard(L.Callback):
             signal.SIGTERM in self._signals, signal.SIGUSR1 in self._signals, bool(batch.bad),
         ])
         if bad:
-            self._bad_examples(trainer, batch.bad, save=at_boundary)
+            self._bad_examples(trainer, batch.bad, at_boundary)
         if (sigterm or sigusr1) and at_boundary:  # e.g. a signal that arrived during validation
-            raise self._preempt(trainer, sigusr1)
+            raise self._preempt(trainer, sigusr1, before_batch=True)
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
         self._loss_finite = self._loss_finite.to(loss.device) & torch.isfinite(loss.detach()).all()
@@ -160,14 +162,15 @@ class FaultGuard(L.Callback):
 
     # Examples whose audio broke mid-run ------------------------------------------------------------------
 
-    def _bad_examples(self, trainer: L.Trainer, local: list[BadExample], save: bool) -> None:
+    def _bad_examples(self, trainer: L.Trainer, local: list[BadExample], at_boundary: bool) -> None:
         bad = _gather(list(local))
         lost = [b for b in bad if b.substitute is None]
         if self.on_bad_example == "error" or lost:
             first = (lost or bad)[0]
-            if save:  # before this batch trains: resuming after the fix starts with this very batch
-                self._save(trainer)
-            saved = f"{self.last} holds step {trainer.global_step}" if save else "the last checkpoint is untouched"
+            # Saved before this batch trains: resuming after the fix starts with this very batch. (Not in the
+            # middle of gradient accumulation: the last checkpoint then stays as it is.)
+            saved = at_boundary and self._save(trainer, before_batch=True)
+            saved = f"{self.last} holds step {trainer.global_step}" if saved else "the last checkpoint is untouched"
             more = f" (and {len(bad) - 1} more in this batch)" if len(bad) > 1 else ""
             if lost:
                 fix = (f"no readable example of its task was found near it either (is the data still there?); {saved}; "
@@ -189,8 +192,20 @@ class FaultGuard(L.Callback):
 
     # ------------------------------------------------------------------------------------------------------
 
-    def _save(self, trainer: L.Trainer) -> None:
-        trainer.save_checkpoint(self.last)  # every rank calls it; rank 0 writes (atomically)
+    def _save(self, trainer: L.Trainer, before_batch: bool = False) -> bool:
+        """last.ckpt at the current step; every rank calls it, rank 0 writes (atomically)."""
+        if before_batch and trainer.global_step == 0:
+            return False  # nothing trained yet
+        self._saving_before_batch = before_batch
+        try:
+            trainer.save_checkpoint(self.last)
+        finally:
+            self._saving_before_batch = False
+        return True
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if self._saving_before_batch:
+            _as_if_saved_after_the_previous_step(checkpoint)
 
     def state_dict(self) -> dict:
         return {"skipped_steps": self.skipped_steps, "bad_examples": self.bad_examples}
@@ -198,6 +213,18 @@ class FaultGuard(L.Callback):
     def load_state_dict(self, state: dict) -> None:
         self.skipped_steps = state["skipped_steps"]
         self.bad_examples = state["bad_examples"]
+
+
+def _as_if_saved_after_the_previous_step(checkpoint: dict) -> None:
+    """Make a checkpoint written in on_train_batch_start look like one written in the previous
+    on_train_batch_end (where ModelCheckpoint writes), as Lightning's resume logic expects: same global
+    step and weights, but the fetched batch not yet counted and the logging step one behind. Without it
+    a resumed run would log its steps one too far (Lightning 2.6 loop counters; the tests check this)."""
+    loop = checkpoint["loops"]["fit_loop"]
+    loop["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
+    for counts in loop["epoch_loop.batch_progress"]["total"], loop["epoch_loop.batch_progress"]["current"]:
+        counts["ready"] -= 1
+        counts["completed"] -= 1
 
 
 def requeue_slurm_job() -> str:
@@ -220,9 +247,10 @@ def _distributed() -> bool:
 
 def _agree(pl_module: L.LightningModule, flags: list) -> list[bool]:
     """Each flag true on any rank, on every rank (one small all-reduce; none on a single process)."""
+    if not _distributed():
+        return [bool(f) for f in flags]
     values = torch.stack([torch.as_tensor(f, dtype=torch.float32).to(pl_module.device) for f in flags])
-    if _distributed():
-        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+    torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
     return [bool(v) for v in values.tolist()]
 
 

@@ -123,6 +123,30 @@ def test_sigterm_saves_the_current_step_and_the_same_command_resumes(corpus, tmp
     assert steps == list(range(30)), "a step was lost or trained twice"
 
 
+def test_a_signal_during_validation_stops_before_the_next_step(corpus, tmp_path, monkeypatch):
+    validation_step = SpeechLLMModule.validation_step
+
+    def signalled_validation(self, batch, batch_idx):
+        if self.global_step == 2 and batch_idx == 0:
+            os.kill(os.getpid(), signal.SIGTERM)  # lands while validation runs after step 1
+        return validation_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(SpeechLLMModule, "validation_step", signalled_validation)
+    overrides = run_overrides(corpus, tmp_path, "run_name=val", "trainer.max_steps=4", "trainer.val_check_interval=2",
+                              "checkpoint.every_n_steps=1000", "data.max_dev_examples=2")
+    with pytest.raises(TrainingStopped, match="SIGTERM received: stopped at step 2 and saved") as stop:
+        train(load_config(STAGE1, overrides))
+    assert stop.value.exit_code == 128 + signal.SIGTERM
+    last = tmp_path / "val" / "checkpoints" / "last.ckpt"
+    assert load_ckpt(last)["global_step"] == 2
+
+    monkeypatch.setattr(SpeechLLMModule, "validation_step", validation_step)
+    train(load_config(STAGE1, overrides))
+    assert load_ckpt(last)["global_step"] == 4
+    steps = [int(r["step"]) for r in metrics_rows(tmp_path / "val") if r.get("train/loss")]
+    assert steps == [0, 1, 2, 3], "a step was lost or trained twice"
+
+
 def test_sigusr1_in_a_slurm_job_saves_then_requeues_the_job(corpus, tmp_path):
     bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol.calls"
     bin_dir.mkdir()
@@ -232,6 +256,8 @@ def test_audio_corrupted_mid_run_stops_naming_the_example_and_resumes_after_the_
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"at step {step} " in resumed.stderr
     assert load_ckpt(last)["global_step"] == 30
+    steps = [int(r["step"]) for r in metrics_rows(tmp_path / "bad") if r.get("train/loss")]
+    assert steps == list(range(30)), "a step was lost or trained twice"
 
 
 def test_audio_corrupted_mid_run_with_skip_is_replaced_counted_and_listed(corpus, tmp_path, monkeypatch):
