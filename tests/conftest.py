@@ -57,3 +57,14 @@ def run_overrides(corpus: Path, output_dir: Path, *extra: str) -> list[str]:
         "trainer.enable_progress_bar=false",
         *extra,
     ]
+
+
+# Stage 2 without its stage-1 start: every group, LoRA included, trains from step 0 at a visible rate.
+LORA_STAGE2_RUN = (
+    "init_from=null",
+    "trainer.max_steps=3",
+    "optim.warmup_steps=0",
+    "optim.lr=1.0e-2",
+    "phases=[{name: multitask, until_step: 3, train: [layer_weights, downsampler, projection, lora], "
+    "tasks: {asr: 1.0, ic: 1.0, sc: 1.0}}]",
+)

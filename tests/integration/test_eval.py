@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_overrides, speechllm_command
+from conftest import LORA_STAGE2_RUN, REPO, run_overrides, speechllm_command
 from speechllm.cli import main
 from speechllm.config import load_config
 from speechllm.data.audio import load_audio
@@ -23,14 +23,8 @@ from speechllm.training.run import train
 
 MAX_NEW_TOKENS = "12"  # short answers keep the runs quick; the checks do not depend on the length
 VALIDATED = ("asr", "ic", "sc")
-# Stage 2 without its stage-1 start: every group, LoRA included, trains from step 0 at a visible rate.
 LORA_RUN = (
-    "init_from=null",
-    "trainer.max_steps=3",
-    "optim.warmup_steps=0",
-    "optim.lr=1.0e-2",
-    "phases=[{name: multitask, until_step: 3, train: [layer_weights, downsampler, projection, lora], "
-    "tasks: {asr: 1.0, ic: 1.0, sc: 1.0}}]",
+    *LORA_STAGE2_RUN,
     "eval.generate=true",
     f"eval.max_new_tokens={MAX_NEW_TOKENS}",
     "eval.examples_table=3",

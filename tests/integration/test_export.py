@@ -12,7 +12,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from conftest import REPO, run_overrides
+from conftest import LORA_STAGE2_RUN, REPO, run_overrides
 from speechllm.cli import main
 from speechllm.config import load_config
 from speechllm.data.audio import load_audio
@@ -23,12 +23,7 @@ from speechllm.training.run import train
 MAX_NEW_TOKENS = 12
 TASKS = ("asr", "ic", "sc")
 LORA_RUN = (
-    "init_from=null",
-    "trainer.max_steps=3",
-    "optim.warmup_steps=0",
-    "optim.lr=1.0e-2",
-    "phases=[{name: multitask, until_step: 3, train: [layer_weights, downsampler, projection, lora], "
-    "tasks: {asr: 1.0, ic: 1.0, sc: 1.0}}]",
+    *LORA_STAGE2_RUN,
     "trainer.val_check_interval=null",
 )
 # Loads an export with Lightning made unimportable, answers the questions given as JSON, prints the answers.
