@@ -198,7 +198,7 @@ class FaultGuard(L.Callback):
             return False  # nothing trained yet
         self._saving_before_batch = before_batch
         try:
-            trainer.save_checkpoint(self.last)
+            trainer.save_checkpoint(self.last, weights_only=False)
         finally:
             self._saving_before_batch = False
         return True

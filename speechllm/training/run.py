@@ -86,7 +86,7 @@ def train(cfg: DictConfig) -> TrainingRun:
         # A preempted or faulty run ends in TrainingStopped (faults.py), having saved last.ckpt itself.
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
         # The periodic checkpoint may predate the last steps; the final state always lands in last.ckpt.
-        trainer.save_checkpoint(run_dir / "checkpoints" / LAST)
+        trainer.save_checkpoint(run_dir / "checkpoints" / LAST, weights_only=False)
     finally:
         finish_loggers(trainer.loggers)
     return TrainingRun(run_dir, module)
