@@ -25,7 +25,6 @@ import inspect
 import json
 import os
 import re
-import tempfile
 import types
 import typing
 from collections import Counter
@@ -38,6 +37,7 @@ import soundfile as sf
 from rich.console import Console
 from rich.progress import track
 
+from speechllm.data.manifest import write_manifest
 from speechllm.data.tasks import TaskError, default_registry
 
 # CoVoST 2's languages (and English, for X -> en) by English name; other codes are kept as given.
@@ -399,7 +399,7 @@ def prepare(dataset: str, root: str | Path, out: str | Path, *, progress: bool =
         reasons = "; ".join(f"{reason}: {n}" for reason, n in report.skipped.most_common(3))
         reasons = reasons or "nothing found for these options"
         raise ConverterError(f"{dataset}: no rows to write from {root} ({reasons})")
-    _write_manifest(out, rows)
+    write_manifest(out, rows)
     return report
 
 
@@ -443,21 +443,6 @@ def _duration(path: str) -> float | str:
     if info.frames <= 0 or info.samplerate <= 0:
         return "empty audio"
     return round(info.frames / info.samplerate, 3)
-
-
-def _write_manifest(path: Path, rows: list[dict]) -> None:
-    """All rows to a temporary file beside the manifest, then renamed: no reader sees half a manifest."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.",
-                                     suffix=".tmp", delete=False) as f:
-        try:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        except BaseException:
-            f.close()
-            os.unlink(f.name)
-            raise
-    os.replace(f.name, path)
 
 
 # --- options ----------------------------------------------------------------------------------------------

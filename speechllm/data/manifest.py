@@ -16,7 +16,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -26,6 +25,7 @@ import soundfile as sf
 from rich.console import Console
 from rich.progress import track
 
+from speechllm.atomic import atomic_write_text
 from speechllm.data.tasks import Task, TaskError, TaskRegistry
 
 REQUIRED = ("audio", "task", "target")
@@ -318,7 +318,9 @@ class _AudioCache:
     def save(self) -> None:
         if self.file is None or self.entries == self.loaded:
             return
-        self.file.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=self.file.parent, suffix=".tmp", delete=False) as out:
-            json.dump({"version": CACHE_VERSION, "files": self.entries}, out)
-        os.replace(out.name, self.file)
+        atomic_write_text(self.file, json.dumps({"version": CACHE_VERSION, "files": self.entries}))
+
+
+def write_manifest(path: str | Path, rows: list[dict]) -> None:
+    """All rows as JSON lines, written whole (see speechllm.atomic): no reader sees half a manifest."""
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import _ctypes
 import ctypes
-import json
 import math
-import os
 import random
 import string
 import time
@@ -35,6 +33,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from speechllm.config import ConfigError
 from speechllm.data.audio import resample
+from speechllm.data.manifest import write_manifest
 
 SYNTH_TASKS = ("asr", "kws", "kwe", "ic", "sf", "sc", "sns", "st")
 SPLITS = ("train", "dev", "test")
@@ -461,7 +460,7 @@ def synthesize_corpus(
                     rows.append(_example(engine, out_dir, split, task, index, rng, sample_rate, snr_db))
                     seconds += rows[-1]["duration"]
                     bar.advance(job)
-            _write_manifest(out_dir / f"{split}.jsonl", rows)
+            write_manifest(out_dir / f"{split}.jsonl", rows)
     return {
         "examples": {split: size * len(tasks) for split, size in sizes.items()},
         "per_task": {task: dict(sizes) for task in tasks},
@@ -509,12 +508,3 @@ def _example(engine: _Espeak, out_dir: Path, split: str, task: str, index: int, 
     if utterance.sound is None:
         row.update(transcript=utterance.text, voice=voice.name, wpm=wpm, pitch=pitch)
     return {**row, **utterance.fields}
-
-
-def _write_manifest(path: Path, rows: list[dict]) -> None:
-    """Write all rows, then rename: a reader never sees half a manifest, nor one without its audio."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(temporary, path)

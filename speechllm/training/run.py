@@ -13,6 +13,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from speechllm.atomic import atomic_write_text
 from speechllm.data.manifest import Example, validate_manifests
 from speechllm.data.tasks import TaskRegistry, default_registry
 from speechllm.model.pretrained import check_model_sources
@@ -78,8 +79,7 @@ def train(cfg: DictConfig) -> TrainingRun:
 
     trainer = build_trainer(cfg, plan, run_dir, module.wandb_run_id, resume_step, validate=len(datamodule.dev_set) > 0)
     if trainer.is_global_zero:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, run_dir / "config.yaml")
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))  # eval and export rebuild from it
     for logger in trainer.loggers:  # counts of skipped, resampled, ... rows, next to the config
         logger.log_hyperparams({"data_stats": {"train": train_data.stats, "dev": dev_data.stats}})
     try:
