@@ -19,4 +19,13 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             f.close()
             os.unlink(f.name)
             raise
+    # mkstemp creates the file private (0600); a plain write would honour the umask (manifests, a shared
+    # feature cache, run configs are read by other users too).
+    os.chmod(f.name, 0o666 & ~_umask())
     os.replace(f.name, path)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask

@@ -48,23 +48,35 @@ def token_budgets(
 @torch.no_grad()
 def generate_by_task(
     model: SpeechLLM,
-    wave: torch.Tensor,
-    wave_mask: torch.Tensor,
+    wave: torch.Tensor | None,
+    wave_mask: torch.Tensor | None,
     instructions: Sequence[str],
     tasks: Sequence[str],
     max_new_tokens: Callable[[str], int],
     num_beams: int = 1,
+    features: torch.Tensor | None = None,
+    feature_mask: torch.Tensor | None = None,
 ) -> list[str]:
-    """Answers in batch order; examples of one task are generated together, with that task's budget."""
+    """Answers in batch order; examples of one task are generated together, with that task's budget.
+
+    Audio as waveforms, or as cached encoder hidden states (features (L, B, F, D), feature_mask (B, F)).
+    """
+    cached = features is not None
+    mask_all = feature_mask if cached else wave_mask
     answers: list[str | None] = [None] * len(tasks)
     for task in dict.fromkeys(tasks):  # first-appearance order
         rows = [i for i, t in enumerate(tasks) if t == task]
-        index = torch.tensor(rows, device=wave.device)
-        mask = wave_mask.index_select(0, index)
+        index = torch.tensor(rows, device=mask_all.device)
+        mask = mask_all.index_select(0, index)
         length = int(mask.sum(-1).max())  # drop the padding only longer examples of other tasks needed
+        if cached:
+            audio = dict(wave=None, wave_mask=None, features=features.index_select(1, index)[:, :, :length],
+                         feature_mask=mask[:, :length])
+        else:
+            audio = dict(wave=wave.index_select(0, index)[:, :length], wave_mask=mask[:, :length])
         texts = model.generate(
-            wave.index_select(0, index)[:, :length], mask[:, :length], [instructions[i] for i in rows],
-            max_new_tokens=max_new_tokens(task), num_beams=num_beams,
+            instructions=[instructions[i] for i in rows], max_new_tokens=max_new_tokens(task), num_beams=num_beams,
+            **audio,
         )
         for i, text in zip(rows, texts):
             answers[i] = text

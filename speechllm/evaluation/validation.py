@@ -38,14 +38,17 @@ class ValidationAnswers:
         # A few examples of every task validated rather than the shortest clips of one.
         self.per_task = math.ceil(self.table_size / max(1, len(tasks)))
         self.rows: list[tuple[str, str, str, str, str]] = []  # (id, task, instruction, reference, prediction)
-        self.table_audio: dict[int, np.ndarray] = {}  # row index -> waveform, for the table rows
+        self.table_audio: dict[int, np.ndarray | None] = {}  # row index -> waveform (if any), for the table rows
 
     def add(self, model: SpeechLLM, batch: Batch) -> None:
-        texts = generate_by_task(model, batch.wave, batch.wave_mask, batch.instructions, batch.tasks, self.budget)
+        texts = generate_by_task(model, batch.wave, batch.wave_mask, batch.instructions, batch.tasks, self.budget,
+                                 features=batch.features, feature_mask=batch.feature_mask)
         for i, text in enumerate(texts):
             task = batch.tasks[i]
             if len(self.table_audio) < self.table_size and sum(r[1] == task for r in self.rows_in_table()) < self.per_task:
-                self.table_audio[len(self.rows)] = batch.wave[i, batch.wave_mask[i]].float().cpu().numpy()
+                # A batch read from the feature cache has no waveform: its table rows go without audio.
+                wave = batch.wave[i, batch.wave_mask[i]].float().cpu().numpy() if batch.wave is not None else None
+                self.table_audio[len(self.rows)] = wave
             self.rows.append((batch.ids[i], task, batch.instructions[i], batch.targets[i], text))
 
     def rows_in_table(self) -> list[tuple[str, str, str, str, str]]:
@@ -70,7 +73,8 @@ class ValidationAnswers:
         import wandb
 
         data = [
-            [module.global_step, id_, task, wandb.Audio(self.table_audio[i], sample_rate=self.sample_rate),
+            [module.global_step, id_, task,
+             None if self.table_audio[i] is None else wandb.Audio(self.table_audio[i], sample_rate=self.sample_rate),
              instruction, reference, prediction]
             for i, (id_, task, instruction, reference, prediction) in zip(self.table_audio, self.rows_in_table())
         ]

@@ -56,6 +56,20 @@ class AudioEncoder(nn.Module):
         # group-norm models (e.g. wav2vec2-base) were trained on zero padding without one.
         self._use_attention_mask = getattr(config, "feat_extract_norm", "layer") == "layer"
 
+    @property
+    def batch_invariant(self) -> bool:
+        """Whether a clip's hidden states are the same alone and padded in a batch.
+
+        Group-norm wav2vec2-family models (no attention mask) normalise over the padding too; Whisper and
+        attention-masked models do not see it.
+        """
+        return self.kind == "whisper" or self._use_attention_mask
+
+    def cast_weights(self, dtype: torch.dtype) -> None:
+        """Store the frozen weights in `dtype` (mixed precision's autocast dtype): half the memory and no cast of
+        them at every step. Whisper's log-mel front end keeps its fp32 filters (its STFT runs in fp32)."""
+        self.model.to(dtype)
+
     def train(self, mode: bool = True) -> "AudioEncoder":
         super().train(mode)
         self.model.eval()  # frozen: dropout stays off whatever the trainer asks
@@ -69,7 +83,7 @@ class AudioEncoder(nn.Module):
             return self._forward_whisper(wave, lengths)
         if self.normalize_waveform:
             wave = _normalize(wave, wave_mask)
-        wave = wave * wave_mask
+        wave = (wave * wave_mask).to(self.model.dtype)
         attention_mask = wave_mask.long() if self._use_attention_mask else None
         out = self.model(wave, attention_mask=attention_mask, output_hidden_states=True)
         hidden = torch.stack(out.hidden_states)
@@ -83,6 +97,16 @@ class AudioEncoder(nn.Module):
         # mel frames = samples // hop; the two encoder convs then halve the rate once.
         frame_lengths = (lengths // self._mel.hop_length + 1) // 2
         return hidden, _lengths_to_mask(frame_lengths.clamp(max=hidden.shape[2]), hidden.shape[2])
+
+
+def inference_dtype(precision: str, device: torch.device | str) -> torch.dtype | None:
+    """The dtype the frozen encoder runs in under a Lightning `precision`: autocast's, for *-mixed on CUDA.
+
+    None (keep fp32) elsewhere: CPU runs stay fp32, and a `*-true` precision converts the whole model anyway.
+    """
+    if torch.device(device).type != "cuda":
+        return None
+    return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(str(precision))
 
 
 def _build(cfg: EncoderConfig) -> nn.Module:

@@ -3,6 +3,10 @@
 The training sampler is a pure function of (seed, batch index), so the sampler position saved in a
 checkpoint is just the number of batches consumed, and resume continues from there on every rank.
 Lightning restores that position (`load_state_dict`) before it asks for `train_dataloader()`.
+
+With `data.feature_cache`, `prepare_data` (each node's local rank 0, while the other ranks wait) encodes
+the run's clips the cache lacks, and `setup` (every rank) reads the cache's index; the datasets then
+serve cached hidden states instead of waveforms.
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ from torch.utils.data import DataLoader, Sampler
 
 from speechllm.config import ConfigError
 from speechllm.data.dataset import SpeechDataset, collate
+from speechllm.data.feature_cache import FeatureCache, build_cache
 from speechllm.data.manifest import Example
 from speechllm.data.sampler import DurationBatchSampler, MixturePhase, TaskMixtureBatchSampler, temperature_weights
 from speechllm.data.tasks import TaskRegistry
-from speechllm.model.encoder import ENCODER_FRAMES_PER_SECOND
+from speechllm.model.encoder import ENCODER_FRAMES_PER_SECOND, AudioEncoder, inference_dtype
 from speechllm.training.stage_scheduler import StagePlan
 
 
@@ -37,18 +42,28 @@ class SpeechDataModule(L.LightningDataModule):
         train_examples: Sequence[Example],
         dev_examples: Sequence[Example],
         tokenizer=None,
+        encoder: AudioEncoder | None = None,
     ):
-        """`tokenizer` (the LLM's) is needed only for a token budget, `data.max_batch_tokens`."""
+        """`tokenizer` (the LLM's) is needed only for a token budget, `data.max_batch_tokens`; `encoder` (the
+        model's) only for the feature cache, `data.feature_cache`."""
         super().__init__()
         self.cfg = cfg
         self.data = cfg.data
         self.plan = plan
         sample_rate = cfg.model.encoder.sample_rate
+        self.encoder = encoder
+        self.feature_cache = None
+        if self.data.feature_cache:
+            if encoder is None:
+                raise ValueError("data.feature_cache needs the model's encoder")
+            self.feature_cache = FeatureCache.for_encoder(self.data.feature_cache, encoder, self.data.feature_cache_dtype)
         # Audio that breaks mid-run is replaced in its batch (DDP ranks keep identical batch shapes) and
         # reported; FaultGuard applies data.on_bad_example to it.
-        self.train_set = SpeechDataset(train_examples, registry, sample_rate, seed=cfg.seed, substitute_bad=True)
+        self.train_set = SpeechDataset(train_examples, registry, sample_rate, seed=cfg.seed, substitute_bad=True,
+                                       feature_cache=self.feature_cache)
         dev = validation_examples(dev_examples, plan.tasks, self.data.max_dev_examples)
-        self.dev_set = SpeechDataset(dev, registry, sample_rate, seed=cfg.seed, substitute_bad=True)
+        self.dev_set = SpeechDataset(dev, registry, sample_rate, seed=cfg.seed, substitute_bad=True,
+                                     feature_cache=self.feature_cache)
         self.mixture = mixture_schedule(plan, train_examples, cfg.trainer.accumulate_grad_batches)
         self.token_counts = None
         if self.data.max_batch_tokens is not None:
@@ -57,6 +72,25 @@ class SpeechDataModule(L.LightningDataModule):
             audio_rate = ENCODER_FRAMES_PER_SECOND / cfg.model.downsampler.stride ** cfg.model.downsampler.num_layers
             self.token_counts = llm_token_counts(train_examples, registry, tokenizer, audio_rate)
         self.consumed_batches = 0
+
+    def prepare_data(self) -> None:
+        if self.feature_cache is None:
+            return
+        device = self.trainer.strategy.root_device
+        # The clips this run reads: its tasks' training examples and its dev examples (other stages add theirs).
+        train = [e for e in self.train_set.examples if e.task in self.plan.tasks]
+        clips = [(e.audio, e.duration) for e in train + self.dev_set.examples]
+        report = build_cache(
+            self.feature_cache, self.encoder, clips, device=device,
+            autocast_dtype=inference_dtype(self.trainer.precision, device),
+            max_batch_seconds=self.data.max_batch_seconds, progress=self.cfg.trainer.enable_progress_bar,
+            log=rank_zero_info,
+        )
+        rank_zero_info(report.summary())
+
+    def setup(self, stage: str) -> None:
+        if self.feature_cache is not None:
+            self.feature_cache.refresh()  # what prepare_data wrote, on this node's rank 0
 
     def train_dataloader(self) -> DataLoader:
         examples = self.train_set.examples
