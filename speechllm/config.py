@@ -19,6 +19,10 @@ ENCODER_KINDS = ("wavlm", "hubert", "wav2vec2", "whisper")
 LLM_KINDS = ("causal", "seq2seq")
 WER_NORMALIZATION_STEPS = ("lower", "punct", "whitespace")
 INSTRUCTION_SETS = ("seen", "heldout", "both")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+STRATEGIES = ("auto", "ddp", "fsdp")
+PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed")
+SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")
 
 
 class ConfigError(ValueError):
@@ -67,6 +71,12 @@ class LLMConfig:
     """Text before the audio embeddings (decoder-only), e.g. a chat template's user-turn opening."""
     answer_prefix: str = "\n"
     """Text between the instruction and the answer (decoder-only), e.g. the assistant-turn opening."""
+    attn_implementation: str = "sdpa"
+    """LLM attention kernel: sdpa (PyTorch's fused attention) | eager | flash_attention_2 / flash_attention_3
+    (GPU, needs the flash-attn package) | flex_attention."""
+    gradient_checkpointing: bool = False
+    """Recompute each LLM layer's activations during the backward pass instead of keeping them (HF activation
+    checkpointing, non-reentrant): much less activation memory for about a third more LLM compute."""
 
 
 @dataclass
@@ -108,6 +118,12 @@ class DataConfig:
     applies to an audio file that turns unreadable during training (README, "Reliability")."""
     max_dev_examples: Optional[int] = None
     """Cap on validation examples, taken task by task from the tasks the run trains, for quick checks."""
+    feature_cache: Optional[str] = None
+    """Directory of the encoder feature cache: every encoder hidden state of every clip, computed once
+    (`speechllm data cache`, or at the start of training for missing clips) and read instead of the audio
+    (README, "Encoder feature cache"). Keyed by encoder and audio file: a stale entry is never read."""
+    feature_cache_dtype: str = "float16"
+    """How cached hidden states are stored: float16 (default) | bfloat16 (fp32's range, coarser)."""
 
 
 @dataclass
@@ -140,14 +156,33 @@ class OptimConfig:
 
 
 @dataclass
+class FSDPConfig:
+    """trainer.strategy=fsdp: PyTorch FSDP through Lightning's FSDPStrategy (README, "Multi-GPU and multi-node")."""
+
+    sharding_strategy: str = "FULL_SHARD"
+    """FULL_SHARD: parameters, gradients and optimizer state sharded across all ranks | SHARD_GRAD_OP: parameters
+    stay gathered from forward to backward (less communication, more memory) | NO_SHARD: replicated, like DDP."""
+    cpu_offload: bool = False
+    """Keep the sharded parameters and gradients in host memory between uses: slower, for LLMs that do not fit."""
+
+
+@dataclass
 class TrainerConfig:
     """Arguments passed to lightning.Trainer (subset we support and test)."""
 
     accelerator: str = "auto"
     devices: Any = "auto"
+    """Devices per node (processes per node under torchrun or SLURM)."""
     num_nodes: int = 1
     strategy: str = "auto"
+    """auto (one device, or DDP over several) | ddp | fsdp (shards the LLM across ranks; see trainer.fsdp)."""
     precision: str = "32-true"
+    """32-true (or 32) | bf16-mixed (autocast to bfloat16, fp32 weights) | 16-mixed (float16 with loss scaling,
+    GPU only)."""
+    compile: bool = False
+    """torch.compile each LLM decoder layer in place (parameter names and checkpoints unchanged); the first
+    steps, and the first batches of new shapes, wait for compilation."""
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     max_steps: int = -1
     """-1 runs until the last phase's until_step; a smaller value stops early (schedules still fit)."""
     accumulate_grad_batches: int = 1
@@ -265,7 +300,14 @@ def validate(cfg: DictConfig) -> None:
     _one_of("model.llm.kind", cfg.model.llm.kind, LLM_KINDS)
     _one_of("model.layer_weights.normalization", cfg.model.layer_weights.normalization, ("softmax", "mean"))
     _one_of("data.on_bad_example", cfg.data.on_bad_example, ("error", "skip"))
+    _one_of("data.feature_cache_dtype", cfg.data.feature_cache_dtype, ("float16", "bfloat16"))
     _one_of("optim.schedule", cfg.optim.schedule, ("cosine", "constant"))
+    _one_of("model.llm.attn_implementation", cfg.model.llm.attn_implementation, ATTN_IMPLEMENTATIONS)
+    _validate_trainer(cfg.trainer)
+    if cfg.trainer.strategy == "fsdp" and cfg.eval.generate:
+        # Every FSDP layer is a collective, and ranks generate different numbers of tokens per task.
+        raise ConfigError("eval.generate: not available with trainer.strategy=fsdp (ranks would wait on each "
+                          "other's generation steps); evaluate checkpoints with `speechllm eval` instead")
     _one_of("wandb.mode", cfg.wandb.mode, ("auto", "online", "offline", "disabled"))
     _one_of("checkpoint.mode", cfg.checkpoint.mode, ("min", "max"))
     if not cfg.checkpoint.monitor.startswith("val/"):
@@ -297,6 +339,16 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{where}.train: trains `lora` but model.lora.rank is 0")
         if not any(w > 0 for w in phase.tasks.values()):
             raise ConfigError(f"{where}.tasks: needs at least one task with a positive weight")
+
+
+def _validate_trainer(t: DictConfig) -> None:
+    _one_of("trainer.strategy", t.strategy, STRATEGIES)
+    _one_of("trainer.precision", t.precision, PRECISIONS)
+    _one_of("trainer.fsdp.sharding_strategy", t.fsdp.sharding_strategy, SHARDING_STRATEGIES)
+    if t.precision == "16-mixed" and t.accelerator == "cpu":
+        raise ConfigError("trainer.precision: 16-mixed needs a GPU (float16 loss scaling); use bf16-mixed or 32-true on CPU")
+    if t.accumulate_grad_batches < 1:
+        raise ConfigError(f"trainer.accumulate_grad_batches: {t.accumulate_grad_batches} must be at least 1")
 
 
 def _one_of(key: str, value: Any, allowed: tuple) -> None:

@@ -297,9 +297,10 @@ class TaskMixtureBatchSampler(Sampler[Batch]):
 class DurationBatchSampler(Sampler[Batch]):
     """Evaluation batches: every example once, sorted by duration to pad little, dealt round-robin to ranks.
 
-    Ranks differ by at most one batch; nothing is dropped or repeated, so metrics see each example once.
-    Every rank gets at least one batch (Lightning refuses an empty validation loader on one rank): when
-    there are fewer batches than ranks, the largest ones are split.
+    Every rank gets the same number of batches, at least one: the largest batches are split until the count
+    divides evenly (Lightning refuses an empty validation loader on one rank, and under FSDP every forward
+    pass is a collective that all ranks must join). Only when every batch is down to one example are the
+    shortest ones paired instead. Nothing is dropped or repeated, so metrics see each example once.
     """
 
     def __init__(
@@ -321,8 +322,12 @@ class DurationBatchSampler(Sampler[Batch]):
         batches = budget.pack(durations[order], tokens, [(0, len(order))])
         if 0 < len(order) < world_size:
             raise ValueError(f"{len(order)} evaluation example(s) cannot be shared by {world_size} processes")
-        while 0 < len(batches) < world_size:
+        while len(batches) % world_size:
             a, b = max(batches, key=lambda batch: batch[1] - batch[0])
+            if b - a == 1:  # one example per batch: pair the shortest (first) ones, one pair per batch too many
+                extra = len(batches) % world_size
+                batches[: 2 * extra] = [(batches[2 * i][0], batches[2 * i + 1][1]) for i in range(extra)]
+                break
             at = batches.index((a, b))
             batches[at : at + 1] = [(a, (a + b) // 2), ((a + b) // 2, b)]
         self._batches = [order[a:b].tolist() for a, b in batches[rank::world_size]]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -12,23 +14,64 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from speechllm.config import ConfigError, LLMConfig, LoRAConfig
 from speechllm.model.pretrained import from_pretrained, seeded_init
 
 _AUTO_CLASSES = {"causal": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM}
+# Architecture values that are not passed on to `from_pretrained`: the checkpoint decides them. Weight tying
+# follows what the checkpoint holds; transformers 5 forces T5's tie_word_embeddings to True and keeps a separate
+# lm_head only when the checkpoint has one (Flan-T5), so overriding it with False would leave T5's input
+# embeddings untied from `shared` and randomly initialised.
+_CHECKPOINT_DECIDES = ("model_type", "tie_word_embeddings")
 
 
 def build_llm(cfg: LLMConfig) -> PreTrainedModel:
     auto = _AUTO_CLASSES[cfg.kind]
     architecture = dict(cfg.architecture)
-    if cfg.pretrained:
-        model = from_pretrained(auto, cfg.pretrained, "model.llm.pretrained", **architecture)
-    else:
-        config = AutoConfig.for_model(architecture.pop("model_type"), **architecture)
-        model = seeded_init(lambda: auto.from_config(config))
+    attention = {"attn_implementation": cfg.attn_implementation}
+    try:
+        if cfg.pretrained:
+            overrides = {k: v for k, v in architecture.items() if k not in _CHECKPOINT_DECIDES}
+            model = from_pretrained(auto, cfg.pretrained, "model.llm.pretrained", **attention, **overrides)
+        else:
+            config = AutoConfig.for_model(architecture.pop("model_type"), **architecture)
+            model = seeded_init(lambda: auto.from_config(config, **attention))
+            if architecture.get("tie_word_embeddings") is False:
+                seeded_init(lambda: _untie_output_embeddings(model))
+    except ImportError as err:  # e.g. flash_attention_2 without the flash-attn package
+        cause = str(err).strip().splitlines()[0]
+        raise ConfigError(f"model.llm.attn_implementation: {cfg.attn_implementation} cannot be used here ({cause})") from None
     model.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        # Non-reentrant: LoRA weights inside a layer get their gradients whether or not the layer's inputs
+        # require grad (the reentrant form needs peft's enable_input_require_grads for that).
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def decoder_layers(llm: nn.Module) -> list[nn.Module]:
+    """The LLM's repeated transformer blocks (Qwen2DecoderLayer, LlamaDecoderLayer, T5Block, ...): the units
+    FSDP shards and `trainer.compile` compiles. HF names them in `_no_split_modules`; its layers also derive
+    from GradientCheckpointingLayer."""
+    model = llm.get_base_model() if isinstance(llm, PeftModel) else llm
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in names or isinstance(m, GradientCheckpointingLayer)]
+
+
+def _untie_output_embeddings(model: PreTrainedModel) -> None:
+    """Give the LM head its own weights where transformers tied them although the architecture says untied
+    (T5 in transformers 5 always ties): a model built from config then has the parameters of the checkpoint."""
+    output, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if output is None or output.weight is not embeddings.weight:
+        return
+    # Its own initialisation (T5's: normal with std initializer_factor), so that a saved copy is not re-tied
+    # on loading as equal to the embeddings.
+    output.weight = nn.Parameter(torch.empty_like(embeddings.weight))
+    nn.init.normal_(output.weight, std=getattr(model.config, "initializer_factor", 1.0))
+    name = next(n for n, p in model.named_parameters(remove_duplicate=False) if p is output.weight)
+    model.all_tied_weights_keys.pop(name, None)  # or save_pretrained would leave it out as a tied copy
 
 
 def build_tokenizer(cfg: LLMConfig) -> PreTrainedTokenizerBase:

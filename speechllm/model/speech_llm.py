@@ -67,15 +67,34 @@ class SpeechLLM(nn.Module):
 
     def encode_audio(self, wave: torch.Tensor, wave_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """wave (B, T), wave_mask (B, T) -> audio embeddings in LLM space (B, A, H) and their mask (B, A)."""
-        hidden, frame_mask = self.encoder(wave, wave_mask)
+        return self.encode_features(*self.encoder(wave, wave_mask))
+
+    def encode_features(self, hidden: torch.Tensor, frame_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder's hidden states (L, B, F, D) and frame mask (B, F), fresh or from the feature cache
+        -> audio embeddings in LLM space (B, A, H) and their mask (B, A)."""
+        if not torch.is_autocast_enabled(hidden.device.type):  # cached fp16 features, or a bf16-stored encoder
+            hidden = hidden.to(self.layer_weights.weights.dtype)
         frames = self.layer_weights(hidden)
         frames, mask = self.downsampler(frames, frame_mask)
         return self.projection(frames), mask
 
+    def _embed_audio(self, wave, wave_mask, features, feature_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        if features is not None:
+            return self.encode_features(features, feature_mask)
+        return self.encode_audio(wave, wave_mask)
+
     def forward(
-        self, wave: torch.Tensor, wave_mask: torch.Tensor, instructions: list[str], targets: list[str]
+        self,
+        wave: torch.Tensor | None,
+        wave_mask: torch.Tensor | None,
+        instructions: list[str],
+        targets: list[str],
+        features: torch.Tensor | None = None,
+        feature_mask: torch.Tensor | None = None,
     ) -> SpeechLLMOutput:
-        audio, audio_mask = self.encode_audio(wave, wave_mask)
+        """Audio as waveforms (wave, wave_mask), or as cached encoder hidden states (features (L, B, F, D),
+        feature_mask (B, F)) with wave and wave_mask None."""
+        audio, audio_mask = self._embed_audio(wave, wave_mask, features, feature_mask)
         inputs = self.build_inputs(audio, audio_mask, instructions, targets)
         if self.is_seq2seq:
             decoder_input_ids = self.llm.prepare_decoder_input_ids_from_labels(labels=inputs.labels)
@@ -83,6 +102,7 @@ class SpeechLLM(nn.Module):
                 inputs_embeds=inputs.inputs_embeds,
                 attention_mask=inputs.attention_mask,
                 decoder_input_ids=decoder_input_ids,
+                use_cache=False,  # one pass over whole sequences: a KV cache would only take memory
             ).logits
             labels = inputs.labels
         else:
@@ -90,6 +110,7 @@ class SpeechLLM(nn.Module):
                 inputs_embeds=inputs.inputs_embeds,
                 attention_mask=inputs.attention_mask,
                 position_ids=inputs.position_ids,
+                use_cache=False,
             ).logits[:, :-1]
             labels = inputs.labels[:, 1:]  # token t is predicted from positions < t
         return _target_cross_entropy(logits, labels)
@@ -97,14 +118,16 @@ class SpeechLLM(nn.Module):
     @torch.no_grad()
     def generate(
         self,
-        wave: torch.Tensor,
-        wave_mask: torch.Tensor,
+        wave: torch.Tensor | None,
+        wave_mask: torch.Tensor | None,
         instructions: list[str],
         max_new_tokens: int = 64,
         num_beams: int = 1,
+        features: torch.Tensor | None = None,
+        feature_mask: torch.Tensor | None = None,
     ) -> list[str]:
-        """Greedy (num_beams=1) or beam-search answers to `instructions` about each audio."""
-        audio, audio_mask = self.encode_audio(wave, wave_mask)
+        """Greedy (num_beams=1) or beam-search answers to `instructions` about each audio (as in `forward`)."""
+        audio, audio_mask = self._embed_audio(wave, wave_mask, features, feature_mask)
         inputs = self.build_inputs(audio, audio_mask, instructions, targets=None)
         tokens = self.llm.generate(
             inputs_embeds=inputs.inputs_embeds,

@@ -21,7 +21,9 @@ LAST = "last.ckpt"
 PREVIOUS = "last-prev.ckpt"  # the last.ckpt that the newest one replaced: a fallback if last.ckpt is damaged
 META_KEY = "speechllm"
 # Model settings that change no tensor shape or meaning: a checkpoint may differ in these.
-_COMPATIBLE_KEYS = {"lora.dropout", "llm.prompt_prefix", "llm.answer_prefix"}
+_COMPATIBLE_KEYS = {
+    "lora.dropout", "llm.prompt_prefix", "llm.answer_prefix", "llm.attn_implementation", "llm.gradient_checkpointing",
+}
 
 
 class CheckpointError(RuntimeError):

@@ -18,6 +18,7 @@ handling raises wherever each rank happens to be, which can deadlock DDP: Lightn
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -117,7 +118,10 @@ class FaultGuard(L.Callback):
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         finite = self._loss_finite
         if params:
-            finite = finite & torch.stack([torch.isfinite(p.grad).all() for p in params]).all().to(finite.device)
+            # The largest |gradient| is finite iff every gradient is (NaN propagates): one fused reduction
+            # instead of a kernel per parameter.
+            largest = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=math.inf)
+            finite = finite & torch.isfinite(largest).to(finite.device)
         (bad,) = _agree(pl_module, [~finite])
         if not bad:
             self._bad_streak = []
@@ -135,8 +139,9 @@ class FaultGuard(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self._step:
             return  # accumulating: the optimizer step comes with a later micro-batch
-        pl_module.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
-        pl_module.log("train/bad_examples", float(self.bad_examples), on_step=True, on_epoch=False)
+        if trainer._logger_connector.should_update_logs:  # the steps whose values reach the loggers
+            pl_module.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
+            pl_module.log("train/bad_examples", float(self.bad_examples), on_step=True, on_epoch=False)
         if len(self._bad_streak) >= self.max_bad_steps:
             self._save(trainer)
             first, ids = self._bad_streak[0]

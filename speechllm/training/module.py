@@ -6,12 +6,15 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
 from speechllm.data.dataset import Batch
 from speechllm.evaluation.validation import ValidationAnswers
-from speechllm.model.speech_llm import SpeechLLM
+from speechllm.model.encoder import inference_dtype
+from speechllm.model.llm import decoder_layers
+from speechllm.model.speech_llm import SpeechLLM, SpeechLLMOutput
 from speechllm.training.checkpoints import META_KEY, CheckpointError, check_compatible, rng_states, set_rng_states
 from speechllm.training.stage_scheduler import StagePlan
 
@@ -23,6 +26,9 @@ class SpeechLLMModule(L.LightningModule):
         self.plan = plan
         self.task_names = list(task_names)
         self.model = SpeechLLM(cfg.model)
+        # Read before any strategy wraps the model: under FSDP the parameters become flat shards.
+        self._no_decay = {n for g in self.model.trainable_groups().values() for n, p in g.items() if p.ndim < 2}
+        self._compiled = False
         # Checkpoints hold only the trained groups; on_load_checkpoint checks that they are all there.
         self.strict_loading = False
         self.wandb_run_id: str | None = None
@@ -31,14 +37,35 @@ class SpeechLLMModule(L.LightningModule):
         self._validations = 0
         self._resumed_rng: dict | None = None
 
+    def setup(self, stage: str) -> None:
+        # Mixed precision runs the frozen encoder under autocast anyway: its weights stored in the autocast
+        # dtype take half the memory and are not cast again at every step. Before the strategy wraps the
+        # model; FSDP manages parameter dtypes itself.
+        dtype = inference_dtype(self.trainer.precision, self.trainer.strategy.root_device)
+        if dtype is not None and not isinstance(self.trainer.strategy, FSDPStrategy):
+            self.model.encoder.cast_weights(dtype)
+
+    def configure_model(self) -> None:
+        # After StageScheduler.setup and before the strategy wraps the model. In place (nn.Module.compile):
+        # parameter names, hence checkpoints and FSDP units, stay as they are.
+        if self.cfg.trainer.compile and not self._compiled:
+            for layer in decoder_layers(self.model.llm):
+                layer.compile()
+            self._compiled = True
+
     def trained_state_keys(self) -> set[str]:
         groups = self.model.trainable_groups()
         return {f"model.{name}" for group in self.plan.trained_groups for name in groups[group]}
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        out = self.model(batch.wave, batch.wave_mask, batch.instructions, batch.targets)
+        out = self._loss(batch)
         self.log("train/loss", out.loss, prog_bar=True, batch_size=len(batch))
         return out.loss
+
+    def _loss(self, batch: Batch) -> SpeechLLMOutput:
+        """Through the model's forward (what DDP/FSDP wrap), from waveforms or from cached features."""
+        return self.model(batch.wave, batch.wave_mask, batch.instructions, batch.targets,
+                          features=batch.features, feature_mask=batch.feature_mask)
 
     def on_validation_epoch_start(self) -> None:
         # Per task: [sum of token losses, number of target tokens]; reduced across ranks at the end.
@@ -48,7 +75,7 @@ class SpeechLLMModule(L.LightningModule):
             self._val_answers = ValidationAnswers(self.cfg, self.plan.tasks)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        out = self.model(batch.wave, batch.wave_mask, batch.instructions, batch.targets)
+        out = self._loss(batch)
         for task, loss, tokens in zip(batch.tasks, out.example_losses, out.target_tokens):
             row = self._val_sums[self.task_names.index(task)]
             row[0] += loss.double() * tokens
@@ -73,10 +100,11 @@ class SpeechLLMModule(L.LightningModule):
         groups = self.model.trainable_groups()
         param_groups, lambdas = [], []
         for group in self.plan.trained_groups:
-            params = list(groups[group].values())
+            params = groups[group].items()
             # No weight decay on scalars and vectors (layer weights, biases), as usual for AdamW.
-            for name, decay, members in ((group, self.cfg.optim.weight_decay, [p for p in params if p.ndim >= 2]),
-                                         (f"{group}/no_decay", 0.0, [p for p in params if p.ndim < 2])):
+            decayed = [p for n, p in params if n not in self._no_decay]
+            for name, decay, members in ((group, self.cfg.optim.weight_decay, decayed),
+                                         (f"{group}/no_decay", 0.0, [p for n, p in params if n in self._no_decay])):
                 if members:
                     param_groups.append({"params": members, "lr": 1.0, "weight_decay": decay, "name": name})
                     lambdas.append(self.plan.lr_lambda(group))
@@ -85,6 +113,14 @@ class SpeechLLMModule(L.LightningModule):
         # Base lr 1.0: the lambda returns the absolute learning rate of the group at each step.
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        if gradient_clip_val and isinstance(self.trainer.strategy, FSDPStrategy):
+            # Lightning cannot clip by norm under FSDP: the norm spans every rank's shards, which FSDP's own
+            # clip_grad_norm_ (a collective, on the root unit) computes. Gated groups have no gradient here.
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep = self.trained_state_keys()
@@ -101,16 +137,21 @@ class SpeechLLMModule(L.LightningModule):
             "rng_states": _all_ranks(rng_states()),
         }
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        trainer = self._trainer
-        path = Path(trainer.ckpt_path) if trainer and trainer.ckpt_path else Path("checkpoint")
-        check_compatible(checkpoint, self.cfg.model, path)
-        missing = self.trained_state_keys() - checkpoint["state_dict"].keys()
+    def check_trained_tensors(self, names, path: Path) -> None:
+        """A checkpoint to resume from must hold every tensor this run trains (strict_loading is off)."""
+        missing = self.trained_state_keys() - set(names)
         if missing:
             raise CheckpointError(
                 f"{path}: lacks {len(missing)} tensors this run trains (e.g. {sorted(missing)[0]}); "
                 "use init_from for a checkpoint of another stage"
             )
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        trainer = self._trainer
+        path = Path(trainer.ckpt_path) if trainer and trainer.ckpt_path else Path("checkpoint")
+        check_compatible(checkpoint, self.cfg.model, path)
+        if "state_dict" in checkpoint:  # FSDP loads it into the shards before this hook (and checks it then)
+            self.check_trained_tensors(checkpoint["state_dict"].keys(), path)
         states = checkpoint[META_KEY].get("rng_states") or []
         world_size = trainer.world_size if trainer else 1
         if len(states) == world_size:

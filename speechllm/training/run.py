@@ -6,6 +6,7 @@ import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
@@ -17,6 +18,7 @@ from speechllm.atomic import atomic_write_text
 from speechllm.data.manifest import Example, validate_manifests
 from speechllm.data.tasks import TaskRegistry, default_registry
 from speechllm.model.pretrained import check_model_sources
+from speechllm.model.speech_llm import SpeechLLM
 from speechllm.training.checkpoints import (
     LAST,
     META_KEY,
@@ -33,6 +35,7 @@ from speechllm.training.faults import FaultGuard
 from speechllm.training.loggers import build_loggers, finish_loggers
 from speechllm.training.module import SpeechLLMModule
 from speechllm.training.stage_scheduler import StagePlan, StageScheduler
+from speechllm.training.strategy import build_strategy
 
 
 # Our batch sampler resumes from the checkpoint's position (SpeechDataModule.state_dict), which Lightning
@@ -50,9 +53,11 @@ class DataError(ValueError):
 class TrainingRun:
     run_dir: Path
     module: SpeechLLMModule  # the trained model, in memory (tests compare it with its sources)
+    datamodule: SpeechDataModule  # its data (`speechllm bench` reads the same batches again)
 
 
-def train(cfg: DictConfig) -> TrainingRun:
+def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> TrainingRun:
+    """`callbacks`: added to the run's own (`speechllm bench` times steps with one)."""
     run_dir = Path(cfg.output_dir) / cfg.run_name
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     registry = build_registry(cfg.data.task_files)
@@ -68,7 +73,8 @@ def train(cfg: DictConfig) -> TrainingRun:
 
     module = SpeechLLMModule(cfg, plan, registry.names())
     datamodule = SpeechDataModule(
-        cfg, plan, registry, train_data.examples, dev_data.examples, tokenizer=module.model.tokenizer
+        cfg, plan, registry, train_data.examples, dev_data.examples, tokenizer=module.model.tokenizer,
+        encoder=module.model.encoder,
     )
     if initial is not None:
         loaded = load_trained_weights(module, cfg.init_from, initial)
@@ -77,7 +83,10 @@ def train(cfg: DictConfig) -> TrainingRun:
     resume_step = resumed["global_step"] if resumed else None
     del resumed, initial  # Lightning reads the resume checkpoint again itself
 
-    trainer = build_trainer(cfg, plan, run_dir, module.wandb_run_id, resume_step, validate=len(datamodule.dev_set) > 0)
+    trainer = build_trainer(
+        cfg, plan, run_dir, module.wandb_run_id, resume_step, validate=len(datamodule.dev_set) > 0, model=module.model,
+        extra_callbacks=callbacks,
+    )
     if trainer.is_global_zero:
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))  # eval and export rebuild from it
     for logger in trainer.loggers:  # counts of skipped, resampled, ... rows, next to the config
@@ -89,11 +98,18 @@ def train(cfg: DictConfig) -> TrainingRun:
         trainer.save_checkpoint(run_dir / "checkpoints" / LAST, weights_only=False)
     finally:
         finish_loggers(trainer.loggers)
-    return TrainingRun(run_dir, module)
+    return TrainingRun(run_dir, module, datamodule)
 
 
 def build_trainer(
-    cfg: DictConfig, plan: StagePlan, run_dir: Path, wandb_run_id: str, resume_step: int | None, validate: bool
+    cfg: DictConfig,
+    plan: StagePlan,
+    run_dir: Path,
+    wandb_run_id: str,
+    resume_step: int | None,
+    validate: bool,
+    model: SpeechLLM,
+    extra_callbacks: Sequence[L.Callback] = (),
 ) -> L.Trainer:
     t = cfg.trainer
     callbacks = [
@@ -130,11 +146,12 @@ def build_trainer(
         plugins.append(SLURMEnvironment(auto_requeue=False))
     if t.enable_progress_bar:
         callbacks.append(RichProgressBar())
+    callbacks.extend(extra_callbacks)
     return L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=t.strategy,
+        strategy=build_strategy(t, model),  # auto, ddp, or FSDP wrapping this model's layers (strategy.py)
         precision=t.precision,
         max_steps=plan.total_steps,
         accumulate_grad_batches=t.accumulate_grad_batches,

@@ -1,4 +1,4 @@
-"""Train one stage under Lightning DDP; each rank writes checksums of its trained weights and its batches.
+"""Train one stage under Lightning DDP (or FSDP); each rank writes checksums of its trained weights and its batches.
 
     python tests/integration/ddp_train.py OUT_DIR [--naive] [--inf-loss=RANK:STEP] STAGE_FILE [key=value ...]
 
@@ -7,6 +7,8 @@ rank runs `train()` and writes OUT_DIR/rank<N>.json. `--naive` swaps in the free
 StageScheduler avoids, for the regression guard: requires_grad follows the current phase and is
 flipped at the phase boundary, after DDP wrapped the model. `--inf-loss` makes one rank's loss infinite at
 one step (its gradients stay finite): only that rank can see the fault, yet every rank must skip the step.
+Under FSDP (`trainer.strategy=fsdp`) the trained weights are gathered from all ranks' shards first, and
+OUT_DIR/rank<N>.pt holds them (full tensors) for comparison with a DDP run.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ import hashlib
 import json
 import sys
 from pathlib import Path
+
+import torch
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 from speechllm.config import load_config
 from speechllm.training.module import SpeechLLMModule
@@ -66,7 +71,7 @@ def main(argv: list[str]) -> None:
     weights: list[str] = []
     _record_batches(seen, weights, inf_loss)
     run = train(load_config(stage, overrides))
-    groups = run.module.model.trainable_groups()
+    groups = _full_groups(run.module.model.trainable_groups(), run.module.trainer.strategy.model)
     report = {
         "rank": run.module.global_rank,
         "world_size": run.module.trainer.world_size,
@@ -77,6 +82,33 @@ def main(argv: list[str]) -> None:
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{report['rank']}.json").write_text(json.dumps(report))
+    torch.save({n: p for params in groups.values() for n, p in params.items()}, out / f"rank{report['rank']}.pt")
+
+
+def _full_groups(groups: dict, wrapped: torch.nn.Module) -> dict:
+    """Copies of the trained groups' full tensors; under FSDP gathered from every rank's shard.
+
+    FSDP puts each module whose parameters all train into a unit of its own (strategy.fsdp_wrap_policy), so
+    gathering those leaf units one by one (a collective, in the same order on every rank) covers them all.
+    (One summon_full_params over the whole model fails on CPU with torch 2.13 once units nest: "Trying to
+    resize storage that is not resizable".)
+    """
+    copies = {group: {n: p.detach().clone() for n, p in params.items()} for group, params in groups.items()}
+    if not isinstance(wrapped, FullyShardedDataParallel):
+        return copies
+    names = {id(p): (group, n) for group, params in groups.items() for n, p in params.items() if p.requires_grad}
+    gathered = set()
+    for unit in FullyShardedDataParallel.fsdp_modules(wrapped):
+        if len(FullyShardedDataParallel.fsdp_modules(unit)) > 1:
+            continue  # holds other units: its own parameters are frozen ones
+        with FullyShardedDataParallel.summon_full_params(unit, recurse=False, writeback=False):
+            for p in unit.parameters():
+                if id(p) in names:
+                    group, n = names[id(p)]
+                    copies[group][n] = p.detach().clone()
+                    gathered.add(id(p))
+    assert gathered == set(names), f"{len(set(names) - gathered)} trained tensors outside a leaf FSDP unit"
+    return copies
 
 
 def _checksum(params: dict) -> str:
