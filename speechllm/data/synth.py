@@ -324,6 +324,20 @@ def _draw(make: Callable[[random.Random, _Voice], _Utterance], rng: random.Rando
     raise RuntimeError(f"{make.__name__}: no sentence of split {split!r} in 10000 draws; the grammar is too small")
 
 
+def draw_texts(task: str, count: int, seed: int = 0, split: str = "train") -> list[dict]:
+    """`count` examples of a task as text only (no audio): the spoken text, the target and the row fields.
+
+    The sentences obey the same split rule as the corpus, so text drawn for "train" never holds a dev or
+    test sentence (the demo pretrains its language model on such text).
+    """
+    rng = random.Random(f"text:{seed}:{split}:{task}")
+    rows = []
+    for _ in range(count):
+        utterance = _draw(_MAKERS[task], rng, split, _voice(rng, split))
+        rows.append({"task": task, "text": utterance.text, "target": utterance.target, **utterance.fields})
+    return rows
+
+
 # ------------------------------------------------------------------------------------ espeak-ng
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
 _POS_CHARACTER = 1

@@ -1,0 +1,166 @@
+"""Stand-in for a pretrained speech encoder: a small wav2vec 2.0 trained with CTC on the corpus transcripts.
+
+No hub is reachable, so the "pretrained" encoder is trained here, on the synthetic train split only, and
+saved with `save_pretrained`: the stack then loads it through the same `from_pretrained` path as
+`microsoft/wavlm-large`. Its feature encoder is one wide strided convolution (a learned filterbank,
+25 ms windows every 10 ms) and one more stride-2 layer, so frames come at the 50 Hz of real encoders for
+a fraction of their convolution cost.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import soundfile as sf
+import torch
+from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
+
+
+ALPHABET = "_ abcdefghijklmnopqrstuvwxyz'"  # "_" is the CTC blank (id 0)
+ARCHITECTURE = dict(
+    hidden_size=192,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    intermediate_size=512,
+    conv_dim=(128, 192),
+    conv_kernel=(400, 3),
+    conv_stride=(160, 2),
+    conv_bias=True,
+    feat_extract_norm="layer",
+    do_stable_layer_norm=True,
+    num_conv_pos_embeddings=32,
+    num_conv_pos_embedding_groups=8,
+    layerdrop=0.0,
+    mask_time_prob=0.0,
+    hidden_dropout=0.0,
+    attention_dropout=0.0,
+    activation_dropout=0.0,
+    feat_proj_dropout=0.0,
+    final_dropout=0.0,
+    ctc_loss_reduction="mean",
+    ctc_zero_infinity=True,
+    vocab_size=len(ALPHABET),
+    pad_token_id=0,
+)
+
+
+@dataclass
+class Clip:
+    wave: torch.Tensor
+    labels: list[int]
+    text: str
+
+
+def load_clips(manifest: Path, limit: int | None = None) -> list[Clip]:
+    """Every speech clip of a manifest with its spoken text (non-speech clips have no transcript)."""
+    clips = []
+    for line in manifest.read_text().splitlines():
+        row = json.loads(line)
+        if "transcript" not in row:
+            continue
+        text = normalize(row["transcript"])
+        wave, _ = sf.read(manifest.parent / row["audio"], dtype="float32")
+        clips.append(Clip(torch.from_numpy(wave), [ALPHABET.index(c) for c in text], text))
+        if limit and len(clips) >= limit:
+            break
+    return clips
+
+
+def normalize(text: str) -> str:
+    return " ".join(re.sub(r"[^a-z' ]", " ", text.lower()).split())
+
+
+def batches(clips: list[Clip], max_seconds: float, rng: random.Random, sample_rate: int = 16000):
+    """Endless duration-sorted batches of about `max_seconds` of audio, in random order."""
+    order = sorted(range(len(clips)), key=lambda i: len(clips[i].wave))
+    while True:
+        chunks, current, total = [], [], 0.0
+        for i in order:
+            seconds = len(clips[i].wave) / sample_rate
+            if current and (len(current) + 1) * max(seconds, total / len(current)) > max_seconds:
+                chunks.append(current)
+                current = []
+            current.append(i)
+            total = max(total, seconds) if current else seconds
+        chunks.append(current)
+        rng.shuffle(chunks)
+        yield from chunks
+
+
+def collate(clips: list[Clip]):
+    length = max(len(c.wave) for c in clips)
+    wave = torch.zeros(len(clips), length)
+    mask = torch.zeros(len(clips), length, dtype=torch.long)
+    for i, c in enumerate(clips):
+        w = c.wave
+        wave[i, : len(w)] = (w - w.mean()) / (w.std() + 1e-7)
+        mask[i, : len(w)] = 1
+    width = max(len(c.labels) for c in clips)
+    labels = torch.full((len(clips), width), -100)
+    for i, c in enumerate(clips):
+        labels[i, : len(c.labels)] = torch.tensor(c.labels)
+    return wave, mask, labels
+
+
+def greedy_decode(logits: torch.Tensor, lengths: torch.Tensor) -> list[str]:
+    texts = []
+    for row, n in zip(logits.argmax(-1), lengths):
+        ids = torch.unique_consecutive(row[:n]).tolist()
+        texts.append("".join(ALPHABET[i] for i in ids if i != 0).strip())
+    return texts
+
+
+def character_error_rate(model: Wav2Vec2ForCTC, clips: list[Clip], batch_size: int = 32) -> float:
+    from torchmetrics.functional.text import char_error_rate
+
+    model.eval()
+    hyps, refs = [], []
+    with torch.inference_mode():
+        for start in range(0, len(clips), batch_size):
+            chunk = clips[start : start + batch_size]
+            wave, mask, _ = collate(chunk)
+            logits = model(wave, attention_mask=mask).logits
+            lengths = model._get_feat_extract_output_lengths(mask.sum(-1))
+            hyps += greedy_decode(logits, lengths)
+            refs += [c.text for c in chunk]
+    model.train()
+    return float(char_error_rate(hyps, refs))
+
+
+def pretrain_encoder(corpus: Path, out_dir: Path, steps: int, max_batch_seconds: float = 48.0, lr: float = 3e-3,
+                     seed: int = 0, log=print) -> dict:
+    torch.manual_seed(seed)
+    train = load_clips(corpus / "train.jsonl")
+    dev = load_clips(corpus / "dev.jsonl", limit=128)
+    model = Wav2Vec2ForCTC(Wav2Vec2Config(**ARCHITECTURE))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    warmup = max(1, steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    )
+    stream = batches(train, max_batch_seconds, random.Random(seed))
+    started = time.perf_counter()
+    model.train()
+    for step in range(1, steps + 1):
+        wave, mask, labels = collate([train[i] for i in next(stream)])
+        loss = model(wave, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        schedule.step()
+        if step % 50 == 0 or step == steps:
+            log(f"encoder step {step}/{steps}: ctc loss {loss.item():.3f} ({time.perf_counter() - started:.0f} s)")
+    cer = character_error_rate(model, dev)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.wav2vec2.save_pretrained(out_dir)  # the encoder alone, as a hub encoder is published
+    summary = {"steps": steps, "dev_cer": round(cer, 4), "seconds": round(time.perf_counter() - started, 1),
+               "train_clips": len(train), "parameters": sum(p.numel() for p in model.wav2vec2.parameters())}
+    (out_dir / "pretraining.json").write_text(json.dumps(summary, indent=2))
+    return summary

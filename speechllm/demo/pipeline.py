@@ -1,0 +1,252 @@
+"""The demo, step by step: corpus -> stand-in pretrained models -> curriculum -> evaluation -> one table.
+
+Steps 1, 3 and 4 are the real commands a user runs (`speechllm data synth`, `speechllm train`,
+`speechllm eval`), launched as subprocesses so the demo exercises exactly what users get; step 2 trains
+the stand-ins for hub models in this process. Every step whose output exists is skipped, so an
+interrupted demo continues where it stopped (`speechllm train` itself resumes from last.ckpt).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from speechllm.atomic import atomic_write_text
+from speechllm.data.synth import SYNTH_TASKS
+
+# What the issue asks of the demo, on the test split (unseen voices and sentences).
+TARGETS = {  # task: (metric, bound, higher is better)
+    "asr": ("wer", 0.20, False),
+    "ic": ("accuracy", 0.90, True),
+    "kws": ("accuracy", 0.95, True),
+    "sc": ("accuracy", 0.90, True),
+    "sns": ("accuracy", 0.98, True),
+}
+HELDOUT_TOLERANCE = 0.10  # held-out-instruction metrics within 10% (relative) of the seen ones
+STAGE_FILES = {"stage1": "stages/demo/stage1.yaml", "stage2": "stages/demo/stage2.yaml",
+               "ablation": "stages/demo/ablation.yaml", "untrained": "stages/demo/stage1.yaml"}
+
+
+@dataclass
+class DemoSize:
+    """How much data and how many steps; `full` is `make demo`, `ci` the reduced test."""
+
+    train_per_task: int
+    eval_per_task: int
+    encoder_steps: int
+    encoder_batch_seconds: float
+    lm_steps: int
+    lm_examples_per_task: int
+    stage1_steps: int
+    warmup_steps: int
+    multitask_steps: int
+    val_check_interval: int
+
+
+SIZES = {
+    "full": DemoSize(train_per_task=600, eval_per_task=100, encoder_steps=1000, encoder_batch_seconds=48.0,
+                     lm_steps=1000, lm_examples_per_task=3000, stage1_steps=600, warmup_steps=200,
+                     multitask_steps=1200, val_check_interval=400),
+    "ci": DemoSize(train_per_task=80, eval_per_task=30, encoder_steps=400, encoder_batch_seconds=24.0,
+                   lm_steps=300, lm_examples_per_task=500, stage1_steps=200, warmup_steps=50, multitask_steps=150,
+                   val_check_interval=200),
+}
+
+
+@dataclass
+class Demo:
+    root: Path
+    size: DemoSize
+    tasks: tuple[str, ...] = SYNTH_TASKS
+    ablation: bool = True
+    console: Console = field(default_factory=Console)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def corpus(self) -> Path:
+        return self.root / "data"
+
+    def run(self) -> dict:
+        started = time.perf_counter()
+        self.step("corpus", self.make_corpus)
+        self.step("encoder", self.pretrain_encoder)
+        self.step("language model", self.pretrain_language_model)
+        runs = ("untrained", "stage1", "stage2") + (("ablation",) if self.ablation else ())
+        for name in runs:
+            self.step(name, lambda name=name: self.train(name))
+        reports = {
+            "curriculum": self.step("eval curriculum", lambda: self.evaluate("stage2", "both")),
+            # The untrained model rambles to its token budget: a few examples per task tell enough.
+            "untrained": self.step("eval untrained", lambda: self.evaluate("untrained", "seen", max_examples=20)),
+        }
+        if self.ablation:
+            reports["ablation"] = self.step("eval ablation", lambda: self.evaluate("ablation", "seen"))
+        results = self.results(reports, time.perf_counter() - started)
+        atomic_write_text(self.root / "results.json", json.dumps(results, indent=2) + "\n")
+        atomic_write_text(self.root / "results.md", markdown(results))
+        self.console.print(table(results))
+        self.console.print(f"results in {self.root}/results.md and results.json")
+        return results
+
+    def step(self, name: str, action):
+        self.console.rule(f"[bold]{name}")
+        started = time.perf_counter()
+        value = action()
+        self.timings[name] = round(time.perf_counter() - started, 1)
+        return value
+
+    # ------------------------------------------------------------------------------------ steps
+    def make_corpus(self) -> None:
+        if (self.corpus / "test.jsonl").is_file():
+            return self.console.print(f"{self.corpus} exists")
+        self.command("data", "synth", "--out", str(self.corpus), "--train-per-task", str(self.size.train_per_task),
+                     "--eval-per-task", str(self.size.eval_per_task), "--tasks", ",".join(self.tasks))
+
+    def pretrain_encoder(self) -> None:
+        from speechllm.demo.encoder import pretrain_encoder
+
+        out = self.root / "pretrained" / "encoder"
+        if (out / "pretraining.json").is_file():  # written last
+            return self.console.print(f"{out} exists")
+        summary = pretrain_encoder(self.corpus, out, steps=self.size.encoder_steps,
+                                   max_batch_seconds=self.size.encoder_batch_seconds, log=self.console.print)
+        self.console.print(f"encoder: {summary}")
+
+    def pretrain_language_model(self) -> None:
+        from speechllm.demo.language_model import pretrain_language_model
+
+        out = self.root / "pretrained" / "llm"
+        if (out / "pretraining.json").is_file():  # written last
+            return self.console.print(f"{out} exists")
+        summary = pretrain_language_model(out, steps=self.size.lm_steps,
+                                          examples_per_task=self.size.lm_examples_per_task, log=self.console.print)
+        self.console.print(f"language model: {summary}")
+
+    def train(self, name: str) -> None:
+        finished = self.root / name / "demo-finished"
+        if finished.is_file():
+            return self.console.print(f"{self.root / name} is trained")
+        self.command("train", STAGE_FILES[name], *self.overrides(name))  # an interrupted run resumes
+        atomic_write_text(finished, "")
+
+    def overrides(self, name: str) -> list[str]:
+        """Paths and step counts of this demo size over the stage file's defaults (the full demo)."""
+        s = self.size
+        values = [
+            f"output_dir={self.root}",
+            f"data.train_manifests=[{self.corpus / 'train.jsonl'}]",
+            f"data.dev_manifests=[{self.corpus / 'dev.jsonl'}]",
+            f"data.feature_cache={self.root / 'features'}",
+            f"model.encoder.pretrained={self.root / 'pretrained' / 'encoder'}",
+            f"model.llm.pretrained={self.root / 'pretrained' / 'llm'}",
+            f"trainer.val_check_interval={s.val_check_interval}",
+            f"run_name={name}",
+        ]
+        # The stage files mix all eight tasks; a demo on fewer tasks gives the others weight 0.
+        every_task = "{" + ", ".join(f"{t}: {1.0 if t in self.tasks else 0.0}" for t in SYNTH_TASKS) + "}"
+        if name == "untrained":  # the model before training: one step at learning rate 0
+            values += ["phases.0.until_step=1", "optim.lr=0.0", "phases.0.lr.layer_weights=0.0", "trainer.val_check_interval=null"]
+        elif name == "stage1":
+            values.append(f"phases.0.until_step={s.stage1_steps}")
+        elif name == "stage2":
+            values += [f"init_from={self.root / 'stage1'}", f"phases.0.until_step={s.warmup_steps}",
+                       f"phases.1.until_step={s.warmup_steps + s.multitask_steps}", f"phases.1.tasks={every_task}"]
+        else:  # the same budget and data, LoRA and downsampler from step 0 (no alignment stage)
+            values += [f"phases.0.until_step={s.stage1_steps + s.warmup_steps}",
+                       f"phases.1.until_step={s.stage1_steps + s.warmup_steps + s.multitask_steps}",
+                       f"phases.1.tasks={every_task}"]
+        return values
+
+    def evaluate(self, run: str, instructions: str, max_examples: int | None = None) -> dict:
+        out = self.root / run / "eval" / f"test-{instructions}"
+        report = out / "report.json"
+        if not report.is_file():
+            limit = ["--max-examples", str(max_examples)] if max_examples else []
+            self.command("eval", str(self.root / run), "--manifest", str(self.corpus / "test.jsonl"), "--split", "test",
+                         "--instructions", instructions, "--out", str(out), *limit)
+        return json.loads(report.read_text())
+
+    def command(self, *args: str) -> None:
+        cmd = [sys.executable, "-m", "speechllm.cli", *args]
+        self.console.print("$ speechllm " + " ".join(args[:3]) + (" ..." if len(args) > 3 else ""), style="dim")
+        subprocess.run(cmd, check=True)
+
+    # ---------------------------------------------------------------------------------- results
+    def results(self, reports: dict, seconds: float) -> dict:
+        """One row per task: curriculum (seen, held-out), the untrained model, the ablation, the targets."""
+        majority = majority_baselines(self.corpus / "test.jsonl")
+        rows = []
+        for task, scores in reports["curriculum"]["tasks"].items():
+            metric = TARGETS[task][0] if task in TARGETS else scores["metric"]
+            seen, heldout = scores["seen"][metric], scores["heldout"][metric]
+            row = {"task": task, "metric": metric, "seen": seen, "heldout": heldout,
+                   "heldout_gap": relative_gap(seen, heldout),
+                   "heldout_within_tolerance": relative_gap(seen, heldout) is None
+                   or relative_gap(seen, heldout) <= HELDOUT_TOLERANCE,
+                   "majority": majority.get(task) if metric == "accuracy" else None}
+            for other in ("untrained", "ablation"):
+                row[other] = reports.get(other, {}).get("tasks", {}).get(task, {}).get("seen", {}).get(metric)
+            if task in TARGETS:
+                _, bound, higher = TARGETS[task]
+                row["target"] = bound
+                row["met"] = seen >= bound if higher else seen <= bound
+            rows.append(row)
+        return {"rows": rows, "minutes": round(seconds / 60, 1), "timings_s": self.timings, "size": asdict(self.size)}
+
+
+def majority_baselines(manifest: Path) -> dict[str, float]:
+    """Per task, the accuracy of always answering its most frequent target."""
+    targets: dict[str, list[str]] = {}
+    for line in manifest.read_text().splitlines():
+        row = json.loads(line)
+        targets.setdefault(row["task"], []).append(row["target"])
+    return {task: max(map(values.count, set(values))) / len(values) for task, values in targets.items()}
+
+
+def relative_gap(seen: float, heldout: float) -> float | None:
+    return None if not seen else round(abs(heldout - seen) / abs(seen), 4)
+
+
+def table(results: dict) -> Table:
+    view = Table(title=f"make demo: test split (unseen voices and sentences), {results['minutes']} min")
+    for column in COLUMNS:
+        view.add_column(column, justify="left" if column in ("task", "metric") else "right")
+    for row in results["rows"]:
+        target = _target(row)
+        target += "" if "met" not in row else (" [green]met" if row["met"] else " [red]missed")
+        view.add_row(*_cells(row), target)
+    return view
+
+
+def markdown(results: dict) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in results["rows"]:
+        target = _target(row) + ("" if "met" not in row else (" (met)" if row["met"] else " (missed)"))
+        lines.append("| " + " | ".join([*_cells(row), target]) + " |")
+    lines.append(f"\nWhole demo: {results['minutes']} min; steps (s): {results['timings_s']}")
+    return "\n".join(lines) + "\n"
+
+
+# seen / held-out: the curriculum's model with training's instruction templates / with templates it never saw;
+# gap: their relative difference; no stage 1: the ablation; majority: always answering the commonest label.
+COLUMNS = ("task", "metric", "seen", "held-out", "gap", "no stage 1", "untrained", "majority", "target")
+
+
+def _cells(row: dict) -> list[str]:
+    return [row["task"], row["metric"], *(_number(row[k]) for k in
+                                          ("seen", "heldout", "heldout_gap", "ablation", "untrained", "majority"))]
+
+
+def _target(row: dict) -> str:
+    return "" if "target" not in row else f"{'≤' if row['metric'] == 'wer' else '≥'} {row['target']:.2f}"
+
+
+def _number(value) -> str:
+    return "" if value is None else f"{value:.3f}"
