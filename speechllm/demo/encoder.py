@@ -10,7 +10,6 @@ a fraction of their convolution cost.
 from __future__ import annotations
 
 import json
-import math
 import random
 import re
 import time
@@ -20,6 +19,8 @@ from pathlib import Path
 import soundfile as sf
 import torch
 from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
+
+from speechllm.demo.optimize import train_steps
 
 
 ALPHABET = "_ abcdefghijklmnopqrstuvwxyz'"  # "_" is the CTC blank (id 0)
@@ -139,24 +140,14 @@ def pretrain_encoder(corpus: Path, out_dir: Path, steps: int, max_batch_seconds:
     train = load_clips(corpus / "train.jsonl")
     dev = load_clips(corpus / "dev.jsonl", limit=128)
     model = Wav2Vec2ForCTC(Wav2Vec2Config(**ARCHITECTURE))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    warmup = max(1, steps // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    )
     stream = batches(train, max_batch_seconds, random.Random(seed))
-    started = time.perf_counter()
-    model.train()
-    for step in range(1, steps + 1):
+
+    def batch_loss() -> torch.Tensor:
         wave, mask, labels = collate([train[i] for i in next(stream)])
-        loss = model(wave, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad()
-        schedule.step()
-        if step % 50 == 0 or step == steps:
-            log(f"encoder step {step}/{steps}: ctc loss {loss.item():.3f} ({time.perf_counter() - started:.0f} s)")
+        return model(wave, attention_mask=mask, labels=labels).loss
+
+    started = time.perf_counter()
+    train_steps(model, steps, batch_loss, lr, warmup_fraction=0.1, name="encoder (ctc)", log=log)
     cer = character_error_rate(model, dev)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.wav2vec2.save_pretrained(out_dir)  # the encoder alone, as a hub encoder is published

@@ -23,6 +23,7 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from speechllm.data.synth import draw_texts
 from speechllm.data.tasks import default_registry
+from speechllm.demo.optimize import train_steps
 
 TEXT_TASKS = ("asr", "st", "ic", "sf", "kwe", "kws")  # tasks whose answer follows from the spoken words
 EOS = "<|endoftext|>"
@@ -79,23 +80,9 @@ def pretrain_language_model(out_dir: Path, steps: int, examples_per_task: int = 
     config = Qwen2Config(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id, **ARCHITECTURE)
     model = Qwen2ForCausalLM(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    )
     rng = random.Random(seed)
-    model.train()
-    for step in range(1, steps + 1):
-        loss = _loss(model, rng.sample(train, batch_size), tokenizer.pad_token_id)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad()
-        schedule.step()
-        if step % 100 == 0 or step == steps:
-            log(f"language model step {step}/{steps}: loss {loss.item():.3f} ({time.perf_counter() - started:.0f} s)")
-    model.eval()
+    train_steps(model, steps, lambda: _loss(model, rng.sample(train, batch_size), tokenizer.pad_token_id), lr,
+                warmup_fraction=0.05, name="language model", log=log, log_every=100)
     with torch.no_grad():
         dev_loss = sum(_loss(model, dev[i : i + 64], tokenizer.pad_token_id).item() for i in range(0, len(dev), 64))
         dev_loss /= math.ceil(len(dev) / 64)
