@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 CORPUS := data/synth
 ARGS ?=
 
-.PHONY: install test train-stage1 train-stage2 train-curriculum eval data clean
+.PHONY: install test train-stage1 train-stage2 train-curriculum eval data demo bench clean
 
 install: $(STAMP)
 
@@ -39,6 +39,18 @@ train-curriculum: $(STAMP) $(CORPUS)/train.jsonl
 EVAL_RUN = $(if $(wildcard runs/stage2/checkpoints/last.ckpt),runs/stage2,runs/stage1)
 eval: $(STAMP) $(CORPUS)/train.jsonl
 	$(BIN)/speechllm eval $(EVAL_RUN) --manifest $(CORPUS)/test.jsonl --split test $(ARGS)
+
+# The whole recipe on the offline corpus, with self-pretrained stand-ins for the hub models: corpus,
+# encoder (CTC) and LM pretraining, stage 1, stage 2, the no-stage-1 ablation, eval on the test split.
+# Everything lands in runs/demo (results.md: the final table); rerunning skips the finished steps.
+demo: $(STAMP)
+	$(BIN)/python -m speechllm.demo --root runs/demo $(ARGS)
+
+# Where a stage-1 training step's time goes, framework overhead, padding, the feature cache's speed-up, loader
+# throughput, memory: bench/results.json, bench/results.md and a table (a few minutes on 2 CPU cores; not part
+# of `make test`). On a GPU node: ARGS="--preset realistic" (WavLM-Base-size encoder + 0.5B LLM, bf16, MFU).
+bench: $(STAMP) $(CORPUS)/train.jsonl
+	$(BIN)/speechllm bench $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests -q $(ARGS)

@@ -1,4 +1,4 @@
-"""`speechllm train|eval|predict|export|data` — one command line, subcommands per job.
+"""`speechllm train|eval|predict|export|plan|data|bench` — one command line, subcommands per job.
 
 User mistakes (config, data, checkpoints, unreachable models) end with one line on stderr and a
 non-zero exit code, never a traceback.
@@ -115,6 +115,38 @@ def _predict(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    import json
+
+    from speechllm.plan import Workload, make_plan, print_plan
+
+    workload = Workload(
+        batch_size=args.batch_size, seconds=args.seconds, prompt_tokens=args.prompt_tokens,
+        target_tokens=args.target_tokens, devices=args.devices, precision=args.precision,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
+    plan = make_plan(args.config, args.overrides, workload)
+    if args.json:
+        print(json.dumps(plan.to_json(), indent=2))
+    else:
+        print_plan(plan)
+    return 0
+
+
+def _bench(args) -> int:
+    from speechllm.bench import BenchSettings, run_bench
+    from speechllm.bench.report import print_table, write_results
+
+    results = run_bench(BenchSettings(
+        out=args.out, steps=args.steps, warmup=args.warmup, preset=args.preset, force=args.force,
+        peak_tflops=args.peak_tflops, threads=args.threads, overrides=list(args.overrides),
+    ))
+    paths = write_results(results, args.out)
+    print_table(results)
+    print(f"results in {paths['json']} and {paths['md']}")
+    return 0
+
+
 def _export(args) -> int:
     import torch
 
@@ -159,6 +191,38 @@ def _prepare(args) -> int:
         options[key.strip()] = value
     report = prepare(args.dataset, args.root, args.out, progress=True, **options)
     print(f"{args.out}: {report.summary()}")
+    return 0
+
+
+def _cache(args) -> int:
+    """Encode the run's train and dev clips into data.feature_cache (skipping those already there)."""
+    from omegaconf import OmegaConf
+
+    from speechllm.config import load_config
+    from speechllm.data.feature_cache import FeatureCache, build_cache
+    from speechllm.evaluation.evaluate import resolve_device
+    from speechllm.model.encoder import AudioEncoder, inference_dtype
+    from speechllm.training.run import build_registry, load_examples
+
+    stage, overrides = args.stage, list(args.overrides)
+    if stage and "=" in stage:  # `speechllm data cache key=value` without a stage file
+        stage, overrides = DEFAULT_STAGE, [stage] + overrides
+    cfg = load_config(stage or DEFAULT_STAGE, overrides)
+    if not cfg.data.feature_cache:
+        raise ConfigError("data.feature_cache: not set; name the cache directory, e.g. data.feature_cache=data/features")
+    device = resolve_device(args.device)
+    registry = build_registry(cfg.data.task_files)
+    run_dir = Path(cfg.output_dir) / cfg.run_name
+    examples = [e for split in ("train", "dev") for e in load_examples(cfg, registry, run_dir, split).examples]
+    encoder = AudioEncoder(OmegaConf.to_object(cfg.model.encoder))  # HF configs want plain lists
+    cache = FeatureCache.for_encoder(cfg.data.feature_cache, encoder, cfg.data.feature_cache_dtype)
+    report = build_cache(
+        cache, encoder, [(e.audio, e.duration) for e in examples], device=device,
+        autocast_dtype=inference_dtype(cfg.trainer.precision, device), max_batch_seconds=cfg.data.max_batch_seconds,
+        estimate_only=args.estimate,
+    )
+    if not args.estimate or report.cached_before == report.clips:  # an estimate was logged before encoding
+        print(report.summary())
     return 0
 
 
@@ -231,6 +295,39 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     predict.set_defaults(run=_predict)
 
+    planner = commands.add_parser(
+        "plan", help="parameters and per-device GPU memory (DDP, FSDP) of a model, built on the meta device (no weights)")
+    planner.add_argument("config", metavar="CONFIG",
+                         help="a model preset (a name in configs/model/, e.g. whisper_large_v3_qwen2_7b, or its YAML; "
+                              "every group trains) or a stage file (its phases' groups train)")
+    planner.add_argument("overrides", nargs="*", help="config overrides, e.g. model.lora.rank=32 presets.model=NAME")
+    planner.add_argument("--batch-size", type=_positive_int, default=8, help="examples per device (default 8)")
+    planner.add_argument("--seconds", type=float, default=30.0, help="audio per example (default 30)")
+    planner.add_argument("--prompt-tokens", type=int, default=48,
+                         help="text positions besides audio and target: template, instruction (default 48)")
+    planner.add_argument("--target-tokens", type=int, default=96, help="answer positions (default 96)")
+    planner.add_argument("--devices", type=_positive_int, default=8, help="GPUs FSDP shards over (default 8)")
+    planner.add_argument("--precision", default="bf16-mixed", help="bf16-mixed (default), 16-mixed, bf16-true, 32-true")
+    planner.add_argument("--gradient-checkpointing", action="store_true",
+                         help="LLM blocks keep only their inputs (also on with model.llm.gradient_checkpointing=true)")
+    planner.add_argument("--json", action="store_true", help="machine-readable output (bytes)")
+    planner.set_defaults(run=_plan)
+
+    bench = commands.add_parser(
+        "bench", help="time stage-1 training steps: breakdown, framework overhead, padding, feature cache, loader, "
+                      "memory (README, Benchmarks)")
+    bench.add_argument("overrides", nargs="*", help="config overrides on stages/stage1.yaml, e.g. data.num_workers=2")
+    bench.add_argument("--out", type=Path, default=Path("bench"), help="results.json, results.md, runs (default bench)")
+    bench.add_argument("--steps", type=_positive_int, default=50, help="measured steps per run (default 50)")
+    bench.add_argument("--warmup", type=_positive_int, default=5, help="steps left out of the medians (default 5)")
+    bench.add_argument("--preset", choices=("tiny", "realistic"), default="tiny",
+                       help="tiny (CPU) or realistic: WavLM-Base-size encoder + 0.5B LLM, random, bf16 (GPU)")
+    bench.add_argument("--force", action="store_true", help="run --preset realistic without a GPU (a few small steps)")
+    bench.add_argument("--threads", type=int,
+                       help="torch threads (default: 1 on CPU, steadier on a shared machine; 0: torch's default)")
+    bench.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, for MFU on GPUs not in the table")
+    bench.set_defaults(run=_bench)
+
     exporter = commands.add_parser("export", help="a self-contained inference directory (SpeechLLM.from_pretrained)")
     exporter.add_argument("--ckpt", required=True, metavar="CKPT|RUN_DIR", help="a run directory or its checkpoint")
     exporter.add_argument("--out", type=Path, required=True, metavar="DIR", help="directory to write (new or empty)")
@@ -256,6 +353,14 @@ def _parser() -> argparse.ArgumentParser:
                          help="converter option, e.g. subset=train-clean-100 (repeatable)")
     prepare.set_defaults(run=_prepare)
 
+    cache = data.add_parser("cache", help="encode the run's train/dev clips into data.feature_cache "
+                                          "(speechllm data cache stages/stage1.yaml data.feature_cache=DIR)")
+    cache.add_argument("stage", nargs="?", help=f"stage or config file (default {DEFAULT_STAGE})")
+    cache.add_argument("overrides", nargs="*", help="config overrides, e.g. data.feature_cache=data/features")
+    cache.add_argument("--device", default="auto", help="where the encoder runs: auto (cuda if available), cpu, cuda:1, ...")
+    cache.add_argument("--estimate", action="store_true", help="report the clips to encode and their disk size, then stop")
+    cache.set_defaults(run=_cache)
+
     validate = data.add_parser("validate", help="check manifests row by row (exit 1 if any row is bad)")
     validate.add_argument("manifests", nargs="+")
     validate.add_argument("--sample-rate", type=int, default=16000)
@@ -278,10 +383,12 @@ def _positive_int(text: str) -> int:
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
+    from speechllm.bench import BenchError
     from speechllm.data.audio import AudioError
     from speechllm.data.manifest import ManifestError
     from speechllm.data.tasks import TaskError
     from speechllm.data.converters import ConverterError
+    from speechllm.data.feature_cache import FeatureCacheError
     from speechllm.evaluation.evaluate import EvalError
     from speechllm.inference import PredictError
     from speechllm.model.export import ExportError
@@ -290,7 +397,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from speechllm.training.run import DataError
 
     return (ConfigError, DataError, ManifestError, TaskError, AudioError, CheckpointError, ModelSourceError, EvalError,
-            ConverterError, PredictError, ExportError)
+            ConverterError, PredictError, ExportError, FeatureCacheError, BenchError)
 
 
 if __name__ == "__main__":
