@@ -20,6 +20,8 @@ import soundfile as sf
 import torch
 from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
 
+from speechllm.atomic import atomic_write_text
+from speechllm.data.sampler import DurationBatchSampler
 from speechllm.demo.optimize import train_steps
 
 
@@ -78,20 +80,11 @@ def normalize(text: str) -> str:
 
 
 def batches(clips: list[Clip], max_seconds: float, rng: random.Random, sample_rate: int = 16000):
-    """Endless duration-sorted batches of about `max_seconds` of audio, in random order."""
-    order = sorted(range(len(clips)), key=lambda i: len(clips[i].wave))
+    """Endless duration-sorted batches (DurationBatchSampler's budget), in a new random order each epoch."""
+    packed = [[i for i, _ in batch] for batch in DurationBatchSampler([len(c.wave) / sample_rate for c in clips], max_seconds)]
     while True:
-        chunks, current, total = [], [], 0.0
-        for i in order:
-            seconds = len(clips[i].wave) / sample_rate
-            if current and (len(current) + 1) * max(seconds, total / len(current)) > max_seconds:
-                chunks.append(current)
-                current = []
-            current.append(i)
-            total = max(total, seconds) if current else seconds
-        chunks.append(current)
-        rng.shuffle(chunks)
-        yield from chunks
+        rng.shuffle(packed)
+        yield from packed
 
 
 def collate(clips: list[Clip]):
@@ -153,5 +146,5 @@ def pretrain_encoder(corpus: Path, out_dir: Path, steps: int, max_batch_seconds:
     model.wav2vec2.save_pretrained(out_dir)  # the encoder alone, as a hub encoder is published
     summary = {"steps": steps, "dev_cer": round(cer, 4), "seconds": round(time.perf_counter() - started, 1),
                "train_clips": len(train), "parameters": sum(p.numel() for p in model.wav2vec2.parameters())}
-    (out_dir / "pretraining.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out_dir / "pretraining.json", json.dumps(summary, indent=2))  # the "done" mark: last
     return summary

@@ -21,6 +21,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+from speechllm.atomic import atomic_write_text
 from speechllm.data.synth import draw_texts
 from speechllm.data.tasks import default_registry
 from speechllm.demo.optimize import train_steps
@@ -92,7 +93,7 @@ def pretrain_language_model(out_dir: Path, steps: int, examples_per_task: int = 
     summary = {"steps": steps, "documents": len(documents), "vocab_size": len(tokenizer),
                "dev_loss": round(dev_loss, 4), "parameters": sum(p.numel() for p in model.parameters()),
                "seconds": round(time.perf_counter() - started, 1)}
-    (out_dir / "pretraining.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out_dir / "pretraining.json", json.dumps(summary, indent=2))  # the "done" mark: last
     return summary
 
 

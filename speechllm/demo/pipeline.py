@@ -186,10 +186,9 @@ class Demo:
         for task, scores in reports["curriculum"]["tasks"].items():
             metric = TARGETS[task][0] if task in TARGETS else scores["metric"]
             seen, heldout = scores["seen"][metric], scores["heldout"][metric]
-            row = {"task": task, "metric": metric, "seen": seen, "heldout": heldout,
-                   "heldout_gap": relative_gap(seen, heldout),
-                   "heldout_within_tolerance": relative_gap(seen, heldout) is None
-                   or relative_gap(seen, heldout) <= HELDOUT_TOLERANCE,
+            gap = relative_gap(seen, heldout)
+            row = {"task": task, "metric": metric, "seen": seen, "heldout": heldout, "heldout_gap": gap,
+                   "heldout_within_tolerance": gap is None or gap <= HELDOUT_TOLERANCE,
                    "majority": majority.get(task) if metric == "accuracy" else None}
             for other in ("untrained", "ablation"):
                 row[other] = reports.get(other, {}).get("tasks", {}).get(task, {}).get("seen", {}).get(metric)
