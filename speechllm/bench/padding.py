@@ -1,8 +1,8 @@
 """Padding of the training batches: the duration-bucketing sampler against random batching, same budget.
 
 Both are the training sampler (`TaskMixtureBatchSampler`) over every task of the training manifests,
-weighted alike: once with the run's `data.num_buckets`, once with a single bucket, which packs each
-task's shuffled examples greedily under the same budgets (seconds, size, tokens). Batches hold one task
+weighted alike: once bucketed as in training (`data.num_buckets`), once with bucketing off, which packs
+each task's shuffled examples greedily under the same budgets (seconds, size, tokens). Batches hold one task
 either way, as in training. The share of padding is the sampler's own `padding_ratio` (the figure the
 run logs as "train batches: X% of their audio is padding"): 1 - real audio / (longest clip x batch size).
 """
@@ -30,7 +30,7 @@ def padding_ratios(datamodule: SpeechDataModule) -> PaddingRatios:
     every_task = [MixturePhase(until_batch=1, weights=dict.fromkeys(tasks, 1.0))]
     data = datamodule.data
 
-    def ratio(num_buckets: int) -> float:
+    def ratio(bucketing: bool) -> float:
         return TaskMixtureBatchSampler(
             durations=[e.duration for e in examples],
             tasks=[e.task for e in examples],
@@ -39,8 +39,9 @@ def padding_ratios(datamodule: SpeechDataModule) -> PaddingRatios:
             max_batch_size=data.max_batch_size,
             token_counts=datamodule.token_counts,
             max_batch_tokens=data.max_batch_tokens,
-            num_buckets=num_buckets,
+            num_buckets=data.num_buckets,
             seed=datamodule.cfg.seed,
+            bucketing=bucketing,
         ).padding_ratio()
 
-    return PaddingRatios(ratio(data.num_buckets), ratio(1), data.num_buckets, len(examples), len(tasks))
+    return PaddingRatios(ratio(bucketing=True), ratio(bucketing=False), data.num_buckets, len(examples), len(tasks))

@@ -5,8 +5,10 @@ already consumed, and every rank agrees on the task of every batch without commu
 
 1. The task of batch ``i`` is drawn from the mixture of the phase that contains ``i``.
 2. Each task has its own endless stream of batches, epoch after epoch: a fresh permutation of the
-   task's examples, split into duration buckets, packed greedily under the budgets (seconds, tokens,
-   size) and put in shuffled order so that short and long batches alternate.
+   task's examples, split into duration buckets, sorted by duration within pools of a few batches'
+   worth (so a batch's clips are alike in length even where a small task has few, wide buckets),
+   packed greedily under the budgets (seconds, tokens, size) and put in shuffled order so that short
+   and long batches alternate.
 3. The ``k``-th draw of a task hands that task's stream positions ``k * world_size + rank`` to the
    ranks, so the ranks never share an example within a task epoch, and a task too small to fill one
    batch per rank alternates whole epochs between ranks instead of shrinking its batches.
@@ -31,6 +33,7 @@ Batch = list[tuple[int, int]]  # (example index, task epoch)
 _CHUNK = 4096  # task draws are generated this many batches at a time, each chunk from its own seed
 _DRAWS, _EPOCH = 0, 1  # the purposes random streams are seeded for
 _MIN_BATCHES_PER_BUCKET = 4  # fewer buckets for small tasks, so bucketing does not leave mostly part-full batches
+_POOL_BATCHES = 4  # within a bucket, examples are sorted by duration in pools of this many batches' worth
 
 
 @dataclass(frozen=True)
@@ -127,7 +130,8 @@ def _rng(*words: int) -> np.random.Generator:
 class _TaskEpochs:
     """One task's examples and how each of its epochs is shuffled, bucketed and packed."""
 
-    def __init__(self, name: str, members: np.ndarray, durations, tokens, budget: _Budget, num_buckets: int, seed: int):
+    def __init__(self, name: str, members: np.ndarray, durations, tokens, budget: _Budget, num_buckets: int, seed: int,
+                 bucketing: bool = True):
         self.members = members
         self.seconds = durations[members]
         self.tokens = None if tokens is None or math.isinf(budget.tokens) else tokens[members]
@@ -136,19 +140,27 @@ class _TaskEpochs:
         # Buckets split the task's audio evenly (so they hold equally many batches) and each holds several
         # full batches, so a small task is not cut into many part-full batches.
         fill = budget.full_batches(self.seconds, self.tokens)
-        buckets = int(max(1, min(num_buckets, fill // _MIN_BATCHES_PER_BUCKET)))
+        buckets = int(max(1, min(num_buckets, fill // _MIN_BATCHES_PER_BUCKET))) if bucketing else 1
         ascending = np.sort(self.seconds)
         audio = np.cumsum(ascending)
         edges = ascending[np.searchsorted(audio, audio[-1] * np.arange(1, buckets) / buckets)]
         self.bucket = np.searchsorted(edges, self.seconds, side="right")
         ends = np.cumsum(np.bincount(self.bucket, minlength=buckets)).tolist()
         self.segments = list(zip([0, *ends[:-1]], ends))
+        # Positions of a bucket-ordered epoch fall into pools of a few batches' worth within each bucket;
+        # pools sort ascending and descending in turn, so the batches either side of a pool boundary are alike.
+        pool_size = max(2, round(_POOL_BATCHES * len(members) / max(fill, 1.0)))
+        starts = np.repeat([lo for lo, _ in self.segments], [hi - lo for lo, hi in self.segments])
+        self.pool = (np.arange(len(members)) - starts) // pool_size if bucketing else None
 
     def plan(self, epoch: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
         """Example indices in bucket order, and the epoch's batches as ``[a, b)`` ranges in shuffled order."""
         rng = _rng(*self.seed_words, epoch)
         shuffled = rng.permutation(len(self.members))
         order = shuffled[np.argsort(self.bucket[shuffled], kind="stable")]  # shuffled within each bucket
+        if self.pool is not None:
+            direction = np.where(self.pool % 2 == 0, 1.0, -1.0)
+            order = order[np.lexsort((direction * self.seconds[order], self.pool, self.bucket[order]))]
         tokens = None if self.tokens is None else self.tokens[order]
         batches = self.budget.pack(self.seconds[order], tokens, self.segments)
         return self.members[order], [batches[j] for j in rng.permutation(len(batches))]
@@ -191,7 +203,10 @@ class TaskMixtureBatchSampler(Sampler[Batch]):
         rank: int = 0,
         world_size: int = 1,
         start_batch: int = 0,
+        bucketing: bool = True,
     ):
+        """``bucketing=False`` gives random batches (shuffled examples packed in order): the baseline that
+        ``padding_ratio`` compares bucketing against."""
         durations = _as_durations(durations)
         if len(tasks) != len(durations):
             raise ValueError(f"{len(durations)} durations but {len(tasks)} tasks; give one task per example")
@@ -207,7 +222,7 @@ class TaskMixtureBatchSampler(Sampler[Batch]):
         task_ids = {name: t for t, name in enumerate(self.task_names)}
         codes = np.fromiter((task_ids[name] for name in tasks), dtype=np.int64, count=len(tasks))
         self._tasks = [
-            _TaskEpochs(name, np.flatnonzero(codes == t), durations, tokens, budget, num_buckets, seed)
+            _TaskEpochs(name, np.flatnonzero(codes == t), durations, tokens, budget, num_buckets, seed, bucketing)
             for t, name in enumerate(self.task_names)
         ]
         self.durations = durations

@@ -183,9 +183,20 @@ def test_bucketing_pads_far_less_than_random_batching():
     durations = lognormal_durations(20000)
     schedule = [MixturePhase(2000, {"asr": 1.0})]
     bucketed = make_sampler(durations, ["asr"] * 20000, schedule).padding_ratio()
-    random = make_sampler(durations, ["asr"] * 20000, schedule, num_buckets=1).padding_ratio()
+    random = make_sampler(durations, ["asr"] * 20000, schedule, bucketing=False).padding_ratio()
     assert bucketed <= 0.10
     assert random >= 0.40
+
+
+def test_small_tasks_with_one_wide_bucket_still_pad_little():
+    # 8 tasks of 200 clips, 40 s batches: ~20 batches a task, too few for more than 5 buckets, so each
+    # bucket spans a wide range of durations; sorting within pools of a few batches keeps padding low.
+    durations, tasks = corpus(dict.fromkeys(["asr", "st", "ic", "sf", "kws", "kwe", "sc", "sns"], 200))
+    schedule = [MixturePhase(1, dict.fromkeys(set(tasks), 1.0))]
+    bucketed = make_sampler(durations, tasks, schedule, max_batch_seconds=40.0)
+    random = make_sampler(durations, tasks, schedule, max_batch_seconds=40.0, bucketing=False)
+    assert bucketed.padding_ratio() <= 0.10
+    assert random.padding_ratio() >= 0.30
 
 
 def test_long_schedule_is_generated_lazily():
