@@ -106,13 +106,17 @@ class SpeechLLM(nn.Module):
             ).logits
             labels = inputs.labels
         else:
+            # Rows are left-padded, so every target sits in the last `answer` positions: the LM head (and the
+            # fp32 loss) runs only there, not over audio and prompt (B x S x vocab logits at a 150k vocab).
+            answer = int((inputs.labels != IGNORE_INDEX).sum(-1).max())
             logits = self.llm(
                 inputs_embeds=inputs.inputs_embeds,
                 attention_mask=inputs.attention_mask,
                 position_ids=inputs.position_ids,
                 use_cache=False,
+                logits_to_keep=answer + 1,
             ).logits[:, :-1]
-            labels = inputs.labels[:, 1:]  # token t is predicted from positions < t
+            labels = inputs.labels[:, -answer:]  # token t is predicted from positions < t
         return _target_cross_entropy(logits, labels)
 
     @torch.no_grad()

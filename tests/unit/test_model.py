@@ -80,11 +80,17 @@ def test_loss_reaches_only_target_tokens(model):
         out.loss.backward()
     finally:
         handle.remove()
-    grad = logits_seen["logits"].grad.abs().sum(-1)  # (B, S)
+    grad = logits_seen["logits"].grad.abs().sum(-1)  # (B, positions with logits)
     labels = inputs.labels
-    # decoder-only predicts token t at position t-1; encoder-decoder predicts label t at position t
-    target_positions = labels[:, 1:] != IGNORE_INDEX if not model.is_seq2seq else labels != IGNORE_INDEX
-    predicting = grad[:, :-1] if not model.is_seq2seq else grad
+    if model.is_seq2seq:  # encoder-decoder predicts label t at position t
+        target_positions, predicting = labels != IGNORE_INDEX, grad
+    else:  # decoder-only: logits only where a target is predicted, the last len("abc") + eos positions
+        assert grad.shape[1] == len("abc") + 1 + 1
+        target_positions, predicting = labels[:, -(len("abc") + 1):] != IGNORE_INDEX, grad[:, :-1]
+        full = model.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+                         position_ids=inputs.position_ids).logits[:, :-1]
+        expected = torch.nn.functional.cross_entropy(full.transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX)
+        torch.testing.assert_close(out.loss, expected)  # the same loss as from every position's logits
     assert (predicting[target_positions] > 0).all()
     assert (predicting[~target_positions] == 0).all()
     assert int((labels != IGNORE_INDEX).sum()) == len("abc") + 1 + len("de") + 1  # byte tokens + eos each
