@@ -1,12 +1,18 @@
 """Stand-in for a pretrained LLM: a small Qwen2 and its BPE tokenizer, trained on the corpus's text.
 
-Like a real instruction-tuned LLM it reads a text, an instruction and writes the answer; here the text is
-the sentence the audio will speak, laid out exactly where the SpeechLLM puts the audio embeddings:
-`[text][instruction + answer prefix][answer + eos]`. Stage 1 then only has to make audio look like that
-text to the frozen LM. It learns the tasks whose answer follows from the words (transcribe, translate,
-intent, slots, keywords); speaker and sound tasks are left for LoRA in stage 2. The text comes from the
-corpus grammar, train sentences only, and instructions from the training templates only: dev and test
-sentences and the held-out instructions stay unseen.
+A 7B LLM reads audio embeddings it has never seen because it is large and general; a 0.9M-parameter
+stand-in is neither. So it is pretrained on the text laid out the way the audio path can present it:
+where the SpeechLLM puts the audio embeddings come the words as *spoken text*, each word piece repeated
+over about as many 80 ms frames as it takes to say (0.6 to 1.1 frames a character), silence frames
+around, then `[instruction + answer prefix][answer + eos]` tokenized exactly as `SpeechLLM` does. Stage 1
+then has to make each audio frame look like the word piece spoken in it, and the frozen LM reads it.
+
+Half of the transcription examples are random strings of the corpus's words: a grammar's sentences can
+be recalled rather than read, those can only be read, so the LM learns to copy what it is given instead of
+completing familiar sentences. It learns the tasks whose answer follows from the words (transcribe,
+translate, intent, slots, keywords); speaker and sound tasks are left for LoRA in stage 2. The text
+comes from the corpus grammar, train sentences only, and instructions from the training templates only:
+dev and test sentences and the held-out instructions stay unseen.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from torchmetrics.text import WordErrorRate
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from speechllm.atomic import atomic_write_text
@@ -28,8 +35,13 @@ from speechllm.demo.optimize import train_steps
 
 TEXT_TASKS = ("asr", "st", "ic", "sf", "kwe", "kws")  # tasks whose answer follows from the spoken words
 EOS = "<|endoftext|>"
-AUDIO_END = "\n"  # stands where the audio embeddings end
+SILENCE = "<|silence|>"  # a spoken-text frame with no word in it
 ANSWER_PREFIX = "\n"  # model.llm.answer_prefix of the demo preset
+FRAMES_PER_CHARACTER = (0.6, 1.1)  # 80 ms frames (the demo's downsampler halves 50 Hz frames twice)
+SILENCE_AROUND = 4  # at most this many silence frames before and after the words
+SILENCE_BETWEEN = 0.1  # chance of a silence frame after a word piece
+RANDOM_TRANSCRIPTS = 1.0  # transcripts of random word strings, per example of each task
+READING_EXAMPLES = 100  # dev sentences the LM transcribes from spoken text after pretraining
 ARCHITECTURE = dict(
     hidden_size=128,
     intermediate_size=384,
@@ -41,67 +53,135 @@ ARCHITECTURE = dict(
     rope_theta=10000.0,
 )
 
+Example = tuple[str, str, str]  # (spoken text, instruction, answer)
 
-def lm_texts(examples_per_task: int, seed: int = 0) -> list[str]:
-    """Training documents: `text + AUDIO_END + instruction + ANSWER_PREFIX + answer + EOS`."""
+
+def lm_examples(examples_per_task: int, seed: int = 0) -> list[Example]:
+    """Train sentences with training templates for every text task, and random-word transcripts."""
     registry = default_registry()
     rng = random.Random(seed)
-    documents = []
+    examples = []
     for task in TEXT_TASKS:
         spec = registry.get(task)
         for row in draw_texts(task, examples_per_task, seed=seed, split="train"):
-            instruction = spec.instruction(row, rng)
-            documents.append(f"{row['text']}{AUDIO_END}{instruction}{ANSWER_PREFIX}{row['target']}{EOS}")
-    rng.shuffle(documents)
-    return documents
+            examples.append((row["text"], spec.instruction(row, rng), row["target"]))
+    words = sorted({word for text, _, _ in examples for word in text.split()})
+    asr = registry.get("asr")
+    for _ in range(int(examples_per_task * RANDOM_TRANSCRIPTS)):
+        text = " ".join(rng.choices(words, k=rng.randint(2, 10)))
+        examples.append((text, asr.instruction({"text": text, "target": text}, rng), text))
+    rng.shuffle(examples)
+    return examples
 
 
-def train_tokenizer(documents: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+def train_tokenizer(examples: list[Example], vocab_size: int) -> PreTrainedTokenizerFast:
     """Byte-level BPE (any text stays encodable, e.g. held-out instructions with unseen words)."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tokenizer.train_from_iterator(documents, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, pad_token=EOS)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, SILENCE],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator((part for example in examples for part in example), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, pad_token=EOS,
+                                   additional_special_tokens=[SILENCE])
+
+
+class SpokenText:
+    """Token ids of a text as the audio path presents it: word pieces held over frames, silence around."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast):
+        self.tokenizer = tokenizer
+        self.silence = tokenizer.convert_tokens_to_ids(SILENCE)
+
+    def __call__(self, text: str, rng: random.Random) -> list[int]:
+        frames = [self.silence] * rng.randint(0, SILENCE_AROUND)
+        for piece in self.tokenizer(text, add_special_tokens=False).input_ids:
+            characters = len(self.tokenizer.convert_ids_to_tokens(piece))
+            frames += [piece] * max(1, round(characters * rng.uniform(*FRAMES_PER_CHARACTER)))
+            if rng.random() < SILENCE_BETWEEN:
+                frames.append(self.silence)
+        return frames + [self.silence] * rng.randint(0, SILENCE_AROUND)
+
+
+class Documents:
+    """Training sequences, drawn afresh each time: new frame timings on every draw."""
+
+    def __init__(self, examples: list[Example], tokenizer: PreTrainedTokenizerFast, seed: int):
+        self.examples, self.tokenizer, self.rng = examples, tokenizer, random.Random(seed)
+        self.spoken = SpokenText(tokenizer)
+
+    def encode(self, example: Example) -> tuple[list[int], int]:
+        """Ids of `[spoken text][instruction + answer prefix][answer + eos]` (tokenized in those parts, as
+        SpeechLLM does) and the length of the spoken part, which is never a target."""
+        text, instruction, answer = example
+        spoken = self.spoken(text, self.rng)
+        ids = self.tokenizer(instruction + ANSWER_PREFIX, add_special_tokens=False).input_ids
+        ids += self.tokenizer(answer, add_special_tokens=False).input_ids + [self.tokenizer.eos_token_id]
+        return spoken + ids, len(spoken)
+
+    def batch(self, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Right-padded ids, attention mask and labels (the spoken part and padding are never targets)."""
+        encoded = [self.encode(example) for example in examples]
+        length = max(len(ids) for ids, _ in encoded)
+        ids = torch.full((len(encoded), length), self.tokenizer.pad_token_id)
+        mask = torch.zeros((len(encoded), length), dtype=torch.long)
+        labels = torch.full((len(encoded), length), -100)
+        for i, (row, spoken) in enumerate(encoded):
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+            labels[i, spoken : len(row)] = ids[i, spoken : len(row)]
+        return ids, mask, labels
+
+    def sample(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.batch(self.rng.sample(self.examples, batch_size))
 
 
 def pretrain_language_model(out_dir: Path, steps: int, examples_per_task: int = 4000, batch_size: int = 32,
-                            lr: float = 3e-3, vocab_size: int = 1024, seed: int = 0, log=print) -> dict:
+                            lr: float = 3e-3, vocab_size: int = 2048, seed: int = 0, log=print) -> dict:
     """Train tokenizer and LM, save both with `save_pretrained` into `out_dir`; return a summary."""
     torch.manual_seed(seed)
     started = time.perf_counter()
-    documents = lm_texts(examples_per_task, seed)
-    tokenizer = train_tokenizer(documents, vocab_size)
-    encoded = [torch.tensor(ids) for ids in tokenizer(documents, add_special_tokens=False).input_ids]
-    held = max(64, len(encoded) // 50)
-    train, dev = encoded[held:], encoded[:held]
+    examples = lm_examples(examples_per_task, seed)
+    tokenizer = train_tokenizer(examples, vocab_size)
+    held = max(64, len(examples) // 50)
+    train = Documents(examples[held:], tokenizer, seed)
+    dev = Documents(examples[:held], tokenizer, seed + 1)
     config = Qwen2Config(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id, **ARCHITECTURE)
     model = Qwen2ForCausalLM(config)
-    rng = random.Random(seed)
-    train_steps(model, steps, lambda: _loss(model, rng.sample(train, batch_size), tokenizer.pad_token_id), lr,
+    train_steps(model, steps, lambda: _loss(model, *train.sample(batch_size)), lr,
                 warmup_fraction=0.05, name="language model", log=log, log_every=100)
     with torch.no_grad():
-        dev_loss = sum(_loss(model, dev[i : i + 64], tokenizer.pad_token_id).item() for i in range(0, len(dev), 64))
-        dev_loss /= math.ceil(len(dev) / 64)
+        chunks = [dev.examples[i : i + 64] for i in range(0, held, 64)]
+        dev_loss = sum(_loss(model, *dev.batch(chunk)).item() for chunk in chunks) / len(chunks)
+    reading_wer = transcript_wer_from_spoken_text(
+        model, tokenizer, draw_texts("asr", READING_EXAMPLES, seed, split="dev"), seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    summary = {"steps": steps, "documents": len(documents), "vocab_size": len(tokenizer),
-               "dev_loss": round(dev_loss, 4), "parameters": sum(p.numel() for p in model.parameters()),
+    summary = {"steps": steps, "examples": len(examples), "vocab_size": len(tokenizer),
+               "dev_loss": round(dev_loss, 4), "dev_wer_from_text": round(reading_wer, 4),
+               "parameters": sum(p.numel() for p in model.parameters()),
                "seconds": round(time.perf_counter() - started, 1)}
     atomic_write_text(out_dir / "pretraining.json", json.dumps(summary, indent=2))  # the "done" mark: last
     return summary
 
 
-def _loss(model: Qwen2ForCausalLM, sequences: list[torch.Tensor], pad_id: int) -> torch.Tensor:
-    length = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), length), pad_id)
-    labels = torch.full((len(sequences), length), -100)
-    for i, s in enumerate(sequences):
-        ids[i, : len(s)] = s
-        labels[i, : len(s)] = s
-    return model(input_ids=ids, attention_mask=(labels != -100).long(), labels=labels).loss
+@torch.no_grad()
+def transcript_wer_from_spoken_text(model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerFast, rows: list[dict],
+                                    seed: int = 0) -> float:
+    """WER of the LM transcribing sentences it is given as spoken text, where the audio would be: the best
+    the SpeechLLM can do on ASR through this LM if stage 1 made the audio look exactly like spoken text."""
+    spec, rng, spoken = default_registry().get("asr"), random.Random(seed), SpokenText(tokenizer)
+    predictions = []
+    for row in rows:
+        instruction = tokenizer(spec.instruction(row, rng) + ANSWER_PREFIX, add_special_tokens=False).input_ids
+        ids = torch.tensor([spoken(row["text"], rng) + instruction])
+        out = model.generate(ids, max_new_tokens=48, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id)
+        predictions.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    return float(WordErrorRate()(predictions, [row["target"] for row in rows]))
+
+
+def _loss(model: Qwen2ForCausalLM, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, attention_mask=mask, labels=labels).loss

@@ -41,6 +41,9 @@ def test_the_demo_writes_one_row_per_task_with_every_comparison(demo):
     assert 0 < rows["ic"]["majority"] < 1 and rows["asr"]["majority"] is None
     assert json.loads((pipeline.root / "results.json").read_text()) == results
     assert "| asr | wer |" in (pipeline.root / "results.md").read_text()
+    # The stand-ins' own dev scores, the LM's transcription of dev sentences given as text among them.
+    assert results["stand_ins"]["llm"]["dev_wer_from_text"] >= 0 and results["stand_ins"]["encoder"]["dev_cer"] >= 0
+    assert "transcribing dev sentences given as spoken text, WER" in (pipeline.root / "results.md").read_text()
     # Each run trained for its own budget, and stage 2 started from stage 1's weights.
     steps = {run: json.loads((pipeline.root / run / "eval" / name / "report.json").read_text())["global_step"]
              for run, name in (("stage2", "test-both"), ("ablation", "test-seen"), ("untrained", "test-seen"))}
