@@ -1,0 +1,53 @@
+"""The demo LM stand-in's training text: spoken text where the audio goes, laid out as SpeechLLM lays it out."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+from speechllm.data.synth import draw_texts
+from speechllm.demo.language_model import (ANSWER_PREFIX, FRAMES_PER_CHARACTER, SILENCE, SILENCE_AROUND, Documents,
+                                           SpokenText, lm_examples, train_tokenizer)
+
+
+def test_spoken_text_holds_each_word_piece_over_frames_in_order():
+    tokenizer = train_tokenizer(lm_examples(30), vocab_size=400)
+    spoken, rng = SpokenText(tokenizer), random.Random(0)
+    text = "their young sailor opened the cold river"
+    pieces = tokenizer(text, add_special_tokens=False).input_ids
+    silence = tokenizer.convert_tokens_to_ids(SILENCE)
+    for _ in range(20):
+        frames = spoken(text, rng)
+        runs = [(piece, len(list(run))) for piece, run in itertools.groupby(frames) if piece != silence]
+        assert [piece for piece, _ in runs] == pieces  # every piece once, in order, nothing else
+        for piece, count in runs:
+            characters = len(tokenizer.convert_ids_to_tokens(piece))
+            low, high = FRAMES_PER_CHARACTER
+            assert max(1, round(characters * low)) <= count <= max(1, round(characters * high))
+        assert len(frames) - sum(count for _, count in runs) <= 2 * SILENCE_AROUND + len(pieces)
+
+
+def test_documents_target_instruction_and_answer_never_the_spoken_part():
+    examples = lm_examples(10)
+    tokenizer = train_tokenizer(examples, vocab_size=400)
+    documents = Documents(examples, tokenizer, seed=0)
+    ids, mask, labels = documents.batch(examples[:4])
+    for row, example in enumerate(examples[:4]):
+        _, instruction, answer = example
+        tail = (tokenizer(instruction + ANSWER_PREFIX, add_special_tokens=False).input_ids
+                + tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id])
+        length = int(mask[row].sum())
+        assert ids[row, length - len(tail) : length].tolist() == tail  # tokenized in SpeechLLM's parts
+        assert labels[row, length - len(tail) : length].tolist() == tail
+        assert (labels[row, : length - len(tail)] == -100).all() and (labels[row, length:] == -100).all()
+
+
+def test_as_many_random_word_strings_as_sentences_are_transcribed():
+    examples = lm_examples(200)
+    transcripts = [text for text, _, answer in examples if text == answer]  # transcription: answer = text
+    sentences = {row["text"] for row in draw_texts("asr", 200, split="train")}
+    random_strings = [text for text in transcripts if text not in sentences]
+    assert len(transcripts) == 400 and len(random_strings) >= 195  # a random string may happen to be a sentence
+    train_words = {word for text, _, answer in examples if text != answer for word in text.split()} | {
+        word for text in sentences for word in text.split()}
+    assert {word for text in random_strings for word in text.split()} <= train_words  # nothing from dev or test
