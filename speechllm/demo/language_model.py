@@ -1,6 +1,6 @@
 """Stand-in for a pretrained LLM: a small Qwen2 and its BPE tokenizer, trained on the corpus's text.
 
-A 7B LLM reads audio embeddings it has never seen because it is large and general; a 0.9M-parameter
+A 7B LLM reads audio embeddings it has never seen because it is large and general; a 0.8M-parameter
 stand-in is neither. So it is pretrained on the text laid out the way the audio path can present it:
 where the SpeechLLM puts the audio embeddings come the words as *spoken text*, each word piece repeated
 over about as many 80 ms frames as it takes to say (0.6 to 1.1 frames a character), silence frames
@@ -10,9 +10,11 @@ then has to make each audio frame look like the word piece spoken in it, and the
 Half of the transcription examples are random strings of the corpus's words: a grammar's sentences can
 be recalled rather than read, those can only be read, so the LM learns to copy what it is given instead of
 completing familiar sentences. It learns the tasks whose answer follows from the words (transcribe,
-translate, intent, slots, keywords); speaker and sound tasks are left for LoRA in stage 2. The text
-comes from the corpus grammar, train sentences only, and instructions from the training templates only:
-dev and test sentences and the held-out instructions stay unseen.
+translate, intent, slots, keywords, speech or not) and to answer the speaker task with one of its labels,
+which LoRA learns to choose in stage 2. The text comes from the corpus grammar, train sentences only, and
+instructions from the training templates only, some words dropped at random so that it keys on what
+names the task rather than on whole templates: dev and test sentences and the held-out instructions
+stay unseen.
 """
 
 from __future__ import annotations
@@ -34,13 +36,18 @@ from speechllm.data.tasks import default_registry
 from speechllm.demo.optimize import train_steps
 
 TEXT_TASKS = ("asr", "st", "ic", "sf", "kwe", "kws")  # tasks whose answer follows from the spoken words
+# Speech or not follows from whether any word is spoken; the speaker's gender does not follow from the text
+# (the LM learns to answer with one of the two labels, LoRA what tells them apart).
+LABEL_TASKS = ("sns", "sc")
 EOS = "<|endoftext|>"
 SILENCE = "<|silence|>"  # a spoken-text frame with no word in it
 ANSWER_PREFIX = "\n"  # model.llm.answer_prefix of the demo preset
 FRAMES_PER_CHARACTER = (0.6, 1.1)  # 80 ms frames (the demo's downsampler halves 50 Hz frames twice)
 SILENCE_AROUND = 4  # at most this many silence frames before and after the words
 SILENCE_BETWEEN = 0.1  # chance of a silence frame after a word piece
+SOUND_FRAMES = (10, 50)  # a non-speech clip: 0.8 to 4 s with no word in it
 RANDOM_TRANSCRIPTS = 1.0  # transcripts of random word strings, per example of each task
+INSTRUCTION_WORD_DROPOUT = 0.15  # on half the instructions: the LM keys on what names the task, not whole templates
 READING_EXAMPLES = 100  # dev sentences the LM transcribes from spoken text after pretraining
 ARCHITECTURE = dict(
     hidden_size=128,
@@ -61,10 +68,11 @@ def lm_examples(examples_per_task: int, seed: int = 0) -> list[Example]:
     registry = default_registry()
     rng = random.Random(seed)
     examples = []
-    for task in TEXT_TASKS:
+    for task in TEXT_TASKS + LABEL_TASKS:
         spec = registry.get(task)
         for row in draw_texts(task, examples_per_task, seed=seed, split="train"):
-            examples.append((row["text"], spec.instruction(row, rng), row["target"]))
+            spoken = "" if row.get("sound") else row["text"]  # a non-speech clip says nothing
+            examples.append((spoken, spec.instruction(row, rng), row["target"]))
     words = sorted({word for text, _, _ in examples for word in text.split()})
     asr = registry.get("asr")
     for _ in range(int(examples_per_task * RANDOM_TRANSCRIPTS)):
@@ -94,6 +102,8 @@ class SpokenText:
         self.silence = tokenizer.convert_tokens_to_ids(SILENCE)
 
     def __call__(self, text: str, rng: random.Random) -> list[int]:
+        if not text:  # a clip with no words in it (a non-speech sound): no piece, as long as a sentence
+            return [self.silence] * rng.randint(*SOUND_FRAMES)
         frames = [self.silence] * rng.randint(0, SILENCE_AROUND)
         for piece in self.tokenizer(text, add_special_tokens=False).input_ids:
             characters = len(self.tokenizer.convert_ids_to_tokens(piece))
@@ -103,17 +113,24 @@ class SpokenText:
         return frames + [self.silence] * rng.randint(0, SILENCE_AROUND)
 
 
-class Documents:
-    """Training sequences, drawn afresh each time: new frame timings on every draw."""
+def drop_words(instruction: str, rng: random.Random) -> str:
+    kept = [word for word in instruction.split() if rng.random() >= INSTRUCTION_WORD_DROPOUT]
+    return " ".join(kept) or instruction
 
-    def __init__(self, examples: list[Example], tokenizer: PreTrainedTokenizerFast, seed: int):
-        self.examples, self.tokenizer, self.rng = examples, tokenizer, random.Random(seed)
+
+class Documents:
+    """Training sequences, drawn afresh each time: new frame timings and word drops on every draw."""
+
+    def __init__(self, examples: list[Example], tokenizer: PreTrainedTokenizerFast, seed: int, augment: bool = True):
+        self.examples, self.tokenizer, self.rng, self.augment = examples, tokenizer, random.Random(seed), augment
         self.spoken = SpokenText(tokenizer)
 
     def encode(self, example: Example) -> tuple[list[int], int]:
         """Ids of `[spoken text][instruction + answer prefix][answer + eos]` (tokenized in those parts, as
         SpeechLLM does) and the length of the spoken part, which is never a target."""
         text, instruction, answer = example
+        if self.augment and self.rng.random() < 0.5:
+            instruction = drop_words(instruction, self.rng)
         spoken = self.spoken(text, self.rng)
         ids = self.tokenizer(instruction + ANSWER_PREFIX, add_special_tokens=False).input_ids
         ids += self.tokenizer(answer, add_special_tokens=False).input_ids + [self.tokenizer.eos_token_id]
@@ -145,7 +162,7 @@ def pretrain_language_model(out_dir: Path, steps: int, examples_per_task: int = 
     tokenizer = train_tokenizer(examples, vocab_size)
     held = max(64, len(examples) // 50)
     train = Documents(examples[held:], tokenizer, seed)
-    dev = Documents(examples[:held], tokenizer, seed + 1)
+    dev = Documents(examples[:held], tokenizer, seed + 1, augment=False)
     config = Qwen2Config(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id, **ARCHITECTURE)
     model = Qwen2ForCausalLM(config)

@@ -30,7 +30,7 @@ def test_spoken_text_holds_each_word_piece_over_frames_in_order():
 def test_documents_target_instruction_and_answer_never_the_spoken_part():
     examples = lm_examples(10)
     tokenizer = train_tokenizer(examples, vocab_size=400)
-    documents = Documents(examples, tokenizer, seed=0)
+    documents = Documents(examples, tokenizer, seed=0, augment=False)
     ids, mask, labels = documents.batch(examples[:4])
     for row, example in enumerate(examples[:4]):
         _, instruction, answer = example
@@ -51,3 +51,13 @@ def test_as_many_random_word_strings_as_sentences_are_transcribed():
     train_words = {word for text, _, answer in examples if text != answer for word in text.split()} | {
         word for text in sentences for word in text.split()}
     assert {word for text in random_strings for word in text.split()} <= train_words  # nothing from dev or test
+
+
+def test_a_non_speech_clip_is_silence_only_and_speech_or_not_is_taught():
+    examples = lm_examples(40)
+    tokenizer = train_tokenizer(examples, vocab_size=400)
+    silence = tokenizer.convert_tokens_to_ids(SILENCE)
+    sounds = [example for example in examples if example[2] == "non-speech"]
+    assert sounds and all(text == "" for text, _, _ in sounds)
+    assert set(SpokenText(tokenizer)("", random.Random(0))) == {silence}
+    assert {answer for _, _, answer in examples} >= {"speech", "non-speech", "male", "female"}
