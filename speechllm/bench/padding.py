@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from speechllm.data.sampler import MixturePhase, TaskMixtureBatchSampler
+from speechllm.data.sampler import MixturePhase
 from speechllm.training.datamodule import SpeechDataModule
 
 
@@ -28,20 +28,9 @@ def padding_ratios(datamodule: SpeechDataModule) -> PaddingRatios:
     examples = datamodule.train_set.examples
     tasks = sorted({e.task for e in examples})
     every_task = [MixturePhase(until_batch=1, weights=dict.fromkeys(tasks, 1.0))]
-    data = datamodule.data
 
     def ratio(bucketing: bool) -> float:
-        return TaskMixtureBatchSampler(
-            durations=[e.duration for e in examples],
-            tasks=[e.task for e in examples],
-            schedule=every_task,
-            max_batch_seconds=data.max_batch_seconds,
-            max_batch_size=data.max_batch_size,
-            token_counts=datamodule.token_counts,
-            max_batch_tokens=data.max_batch_tokens,
-            num_buckets=data.num_buckets,
-            seed=datamodule.cfg.seed,
-            bucketing=bucketing,
-        ).padding_ratio()
+        return datamodule.training_sampler(every_task, bucketing=bucketing).padding_ratio()
 
-    return PaddingRatios(ratio(bucketing=True), ratio(bucketing=False), data.num_buckets, len(examples), len(tasks))
+    return PaddingRatios(ratio(bucketing=True), ratio(bucketing=False), datamodule.data.num_buckets, len(examples),
+                         len(tasks))

@@ -39,7 +39,7 @@ from speechllm.bench.profiler import PARTS, StepRecord, peak_rss
 from speechllm.bench.timer import StepTimer
 from speechllm.config import load_config
 from speechllm.data.feature_cache import FeatureCache, build_cache
-from speechllm.data.sampler import MixturePhase, TaskMixtureBatchSampler
+from speechllm.data.sampler import MixturePhase
 from speechllm.model.encoder import AudioEncoder, inference_dtype
 from speechllm.training.datamodule import SpeechDataModule
 from speechllm.training.run import train
@@ -206,18 +206,7 @@ def _loader_throughput(datamodule: SpeechDataModule, count: int) -> float:
 
 def _batches_per_epoch(datamodule: SpeechDataModule) -> int:
     """Batches of the stage's first phase until its training data has been seen once (a task epoch ends)."""
-    examples, data = datamodule.train_set.examples, datamodule.data
-    sampler = TaskMixtureBatchSampler(
-        durations=[e.duration for e in examples],
-        tasks=[e.task for e in examples],
-        schedule=[MixturePhase(until_batch=2**40, weights=datamodule.mixture[0].weights)],
-        max_batch_seconds=data.max_batch_seconds,
-        max_batch_size=data.max_batch_size,
-        token_counts=datamodule.token_counts,
-        max_batch_tokens=data.max_batch_tokens,
-        num_buckets=data.num_buckets,
-        seed=datamodule.cfg.seed,
-    )
+    sampler = datamodule.training_sampler([MixturePhase(until_batch=2**40, weights=datamodule.mixture[0].weights)])
     count = 0
     for batch in sampler:
         if any(epoch > 0 for _, epoch in batch):

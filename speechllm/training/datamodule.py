@@ -92,22 +92,25 @@ class SpeechDataModule(L.LightningDataModule):
         if self.feature_cache is not None:
             self.feature_cache.refresh()  # what prepare_data wrote, on this node's rank 0
 
-    def train_dataloader(self) -> DataLoader:
+    def training_sampler(self, schedule: Sequence[MixturePhase] | None = None, **options) -> TaskMixtureBatchSampler:
+        """The training batch sampler of this data config over `schedule` (default: the stage's task mixture)."""
         examples = self.train_set.examples
-        sampler = TaskMixtureBatchSampler(
+        return TaskMixtureBatchSampler(
             durations=[e.duration for e in examples],
             tasks=[e.task for e in examples],
-            schedule=self.mixture,
+            schedule=self.mixture if schedule is None else schedule,
             max_batch_seconds=self.data.max_batch_seconds,
             max_batch_size=self.data.max_batch_size,
             token_counts=self.token_counts,
             max_batch_tokens=self.data.max_batch_tokens,
             num_buckets=self.data.num_buckets,
             seed=self.cfg.seed,
-            rank=self.trainer.global_rank,
-            world_size=self.trainer.world_size,
-            start_batch=self.consumed_batches,
+            **options,
         )
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = self.training_sampler(rank=self.trainer.global_rank, world_size=self.trainer.world_size,
+                                        start_batch=self.consumed_batches)
         rank_zero_info(f"train batches: {sampler.padding_ratio():.1%} of their audio is padding")
         return self._loader(self.train_set, _WholePlan(sampler, self.consumed_batches))
 

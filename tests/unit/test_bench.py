@@ -5,6 +5,7 @@ Timing targets are never asserted here (a test machine's load decides them); the
 
 from __future__ import annotations
 
+import functools
 import json
 from types import SimpleNamespace
 
@@ -18,6 +19,7 @@ from speechllm.bench.padding import padding_ratios
 from speechllm.bench.profiler import PARTS
 from speechllm.bench.report import markdown, write_results
 from speechllm.cli import main
+from speechllm.training.datamodule import SpeechDataModule
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +93,7 @@ def test_bucketing_pads_less_than_random_batches_with_the_same_budget():
         train_set=SimpleNamespace(examples=examples), token_counts=None, cfg=SimpleNamespace(seed=0),
         data=SimpleNamespace(max_batch_seconds=60.0, max_batch_size=None, max_batch_tokens=None, num_buckets=10),
     )
+    datamodule.training_sampler = functools.partial(SpeechDataModule.training_sampler, datamodule)  # the real one
     ratios = padding_ratios(datamodule)
     assert ratios.random > 0.25 and ratios.bucketed < ratios.random / 2
     assert (ratios.examples, ratios.tasks, ratios.num_buckets) == (2000, 2, 10)
