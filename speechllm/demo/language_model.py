@@ -20,7 +20,6 @@ stay unseen.
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from pathlib import Path

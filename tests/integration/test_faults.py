@@ -21,7 +21,7 @@ import torch
 
 from conftest import REPO, run_overrides, speechllm_command
 from speechllm.config import load_config
-from speechllm.training.checkpoints import META_KEY, CheckpointError
+from speechllm.training.checkpoints import CheckpointError
 from speechllm.training.faults import TrainingStopped
 from speechllm.training.module import SpeechLLMModule
 from speechllm.training.run import train

@@ -9,7 +9,6 @@ import subprocess
 
 import pytest
 import torch
-from torch import nn
 
 from speechllm.config import ConfigError, load_config
 from speechllm.data.sampler import DurationBatchSampler
