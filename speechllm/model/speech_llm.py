@@ -13,6 +13,7 @@ from speechllm.model.downsampler import ConvDownsampler
 from speechllm.model import export
 from speechllm.model.encoder import AudioEncoder
 from speechllm.model.layer_weights import LayerWeightedSum
+from speechllm.model.projection import AudioProjection
 from speechllm.model.llm import add_lora, build_llm, build_tokenizer, check_vocabulary
 from speechllm.model.parts import trainable_groups
 
@@ -50,7 +51,7 @@ class SpeechLLM(nn.Module):
         self.tokenizer = build_tokenizer(cfg.llm)
         llm = build_llm(cfg.llm)
         check_vocabulary(llm, self.tokenizer)
-        self.projection = nn.Linear(d.channels, llm.get_input_embeddings().embedding_dim)
+        self.projection = AudioProjection(d.channels, llm.get_input_embeddings().weight.detach())
         self.llm = add_lora(llm, cfg.lora) if cfg.lora.rank > 0 else llm
 
     def trainable_groups(self) -> dict[str, dict[str, nn.Parameter]]:

@@ -38,6 +38,16 @@ def test_downsampler_mask_matches_conv_output_lengths():
     assert out_mask.sum(-1).tolist() == [13, 7, 1]
 
 
+def test_audio_embeddings_enter_the_llm_at_the_scale_of_its_token_embeddings(model):
+    """However large the downsampled frames, what the frozen LLM reads has its token embeddings' RMS."""
+    token_rms = model.llm.get_input_embeddings().weight.pow(2).mean().sqrt()
+    for scale in (0.01, 1.0, 100.0):
+        frames = torch.randn(2, 7, model.downsampler.convs[-1].out_channels) * scale
+        with torch.no_grad():
+            audio = model.projection(frames)
+        assert torch.allclose(audio.pow(2).mean(-1).sqrt(), token_rms.expand(2, 7), rtol=1e-3), scale
+
+
 def test_padded_example_matches_unpadded(model):
     waves, wave, mask = _padded_batch(LENGTHS)
     with torch.no_grad():

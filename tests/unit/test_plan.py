@@ -79,7 +79,7 @@ def test_trainable_parameters_are_the_trained_groups_and_lora_follows_its_formul
     assert p["downsampler"] == d.kernel_size * width * d.channels + d.channels + (d.num_layers - 1) * (
         d.kernel_size * d.channels * d.channels + d.channels)
     llm_width = arch.get("d_model") or arch.get("hidden_size")
-    assert p["projection"] == d.channels * llm_width + llm_width
+    assert p["projection"] == d.channels * llm_width + 2 * llm_width  # linear and bias, then the norm's gain
 
 
 def test_a_stage_file_trains_only_the_groups_its_phases_name():
