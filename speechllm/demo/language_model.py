@@ -62,12 +62,12 @@ ARCHITECTURE = dict(
 Example = tuple[str, str, str]  # (spoken text, instruction, answer)
 
 
-def lm_examples(examples_per_task: int, seed: int = 0) -> list[Example]:
-    """Train sentences with training templates for every text task, and random-word transcripts."""
+def lm_examples(examples_per_task: int, seed: int = 0, tasks: tuple[str, ...] = TEXT_TASKS + LABEL_TASKS) -> list[Example]:
+    """Train sentences with training templates for each of `tasks`, and random-word transcripts."""
     registry = default_registry()
     rng = random.Random(seed)
     examples = []
-    for task in TEXT_TASKS + LABEL_TASKS:
+    for task in (task for task in TEXT_TASKS + LABEL_TASKS if task in tasks):
         spec = registry.get(task)
         for row in draw_texts(task, examples_per_task, seed=seed, split="train"):
             spoken = "" if row.get("sound") else row["text"]  # a non-speech clip says nothing
@@ -153,11 +153,13 @@ class Documents:
 
 
 def pretrain_language_model(out_dir: Path, steps: int, examples_per_task: int = 4000, batch_size: int = 32,
-                            lr: float = 3e-3, vocab_size: int = 2048, seed: int = 0, log=print) -> dict:
-    """Train tokenizer and LM, save both with `save_pretrained` into `out_dir`; return a summary."""
+                            lr: float = 3e-3, vocab_size: int = 2048, seed: int = 0,
+                            tasks: tuple[str, ...] = TEXT_TASKS + LABEL_TASKS, log=print) -> dict:
+    """Train tokenizer and LM on the text of `tasks`, save both with `save_pretrained` into `out_dir`; return
+    a summary."""
     torch.manual_seed(seed)
     started = time.perf_counter()
-    examples = lm_examples(examples_per_task, seed)
+    examples = lm_examples(examples_per_task, seed, tasks)
     tokenizer = train_tokenizer(examples, vocab_size)
     held = max(64, len(examples) // 50)
     train = Documents(examples[held:], tokenizer, seed)

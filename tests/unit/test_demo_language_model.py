@@ -61,3 +61,11 @@ def test_a_non_speech_clip_is_silence_only_and_speech_or_not_is_taught():
     assert sounds and all(text == "" for text, _, _ in sounds)
     assert set(SpokenText(tokenizer)("", random.Random(0))) == {silence}
     assert {answer for _, _, answer in examples} >= {"speech", "non-speech", "male", "female"}
+
+
+def test_a_demo_on_fewer_tasks_pretrains_its_lm_on_their_text_only():
+    examples = lm_examples(50, tasks=("asr", "ic"))
+    intents = {row["target"] for row in draw_texts("ic", 50, split="train")}
+    answers = {answer for _, _, answer in examples}
+    assert answers & intents and not answers & {"speech", "non-speech", "male", "female"}
+    assert len(examples) == 150  # 50 transcripts, 50 intents, 50 random word strings
