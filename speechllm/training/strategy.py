@@ -1,12 +1,12 @@
 """How a run spreads over devices: Lightning's DDP, or FSDP set up for a frozen model with small trained parts.
 
 DDP replicates the whole model on every rank. FSDP shards it: each LLM decoder layer is one FSDP unit
-(gathered just before it runs, freed after), and so is every small module whose parameters all train
-(the projection, the downsampler's convs, the layer weights, each LoRA A and B), so that the big units hold
-frozen weights only and gradients are reduced for trained parameters only (peft's recipe for LoRA under
-FSDP). The rest, the frozen encoder included, forms the root unit. The encoder is deliberately not split
-into units: with the feature cache it runs on some steps and ranks but not on others, and FSDP units must
-run on every rank alike.
+(gathered just before it runs, freed after), and so is every small module whose parameters all train (the
+projection's linear map and norm, the downsampler's convs, the layer weights, each LoRA A and B), so that
+the big units hold frozen weights only and gradients are reduced for trained parameters only (peft's
+recipe for LoRA under FSDP). The rest, the frozen encoder included, forms the root unit. The encoder is
+deliberately not split into units: with the feature cache it runs on some steps and ranks but not on
+others, and FSDP units must run on every rank alike.
 
 `use_orig_params=True` keeps the model's own parameters, so requires_grad may differ inside a unit, the
 StageScheduler's groups and the optimizer's param groups stay what they are without FSDP, and checkpoint

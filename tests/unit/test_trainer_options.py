@@ -132,7 +132,7 @@ def test_fsdp_strategy_shards_llm_layers_and_gives_each_trained_module_its_own_u
     units = {name for name, module in model.named_modules() if own_unit(module)}
     layers = {name for name, module in model.named_modules() if type(module).__name__ == "Qwen2DecoderLayer"}
     lora = {name for name, module in model.named_modules() if ".lora_A.default" in name or ".lora_B.default" in name}
-    trained = {"layer_weights", "projection", "downsampler.convs.0", "downsampler.convs.1"}
+    trained = {"layer_weights", "projection.linear", "projection.norm", "downsampler.convs.0", "downsampler.convs.1"}
     assert len(layers) == 2 and len(lora) == 8
     assert units == layers | lora | trained  # frozen encoder, embeddings and norms stay in the root unit
     assert not any(name.startswith("encoder") for name in units)
