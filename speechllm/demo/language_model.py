@@ -62,7 +62,8 @@ ARCHITECTURE = dict(
 Example = tuple[str, str, str]  # (spoken text, instruction, answer)
 
 
-def lm_examples(examples_per_task: int, seed: int = 0, tasks: tuple[str, ...] = TEXT_TASKS + LABEL_TASKS) -> list[Example]:
+def lm_examples(examples_per_task: int, seed: int = 0,
+                tasks: tuple[str, ...] = TEXT_TASKS + LABEL_TASKS) -> list[Example]:
     """Train sentences with training templates for each of `tasks`, and random-word transcripts."""
     registry = default_registry()
     rng = random.Random(seed)

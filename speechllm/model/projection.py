@@ -21,7 +21,7 @@ class AudioProjection(nn.Module):
         self.norm = nn.RMSNorm(token_embeddings.shape[1], eps=1e-6)
         if not token_embeddings.is_meta:  # `speechllm plan` builds on the meta device: no values to match
             with torch.no_grad():
-                    self.norm.weight.fill_(token_embeddings.float().pow(2).mean().sqrt().item())
+                self.norm.weight.fill_(token_embeddings.float().pow(2).mean().sqrt().item())
 
     @property
     def out_features(self) -> int:

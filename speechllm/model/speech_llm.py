@@ -13,8 +13,8 @@ from speechllm.model.downsampler import ConvDownsampler
 from speechllm.model import export
 from speechllm.model.encoder import AudioEncoder
 from speechllm.model.layer_weights import LayerWeightedSum
-from speechllm.model.projection import AudioProjection
 from speechllm.model.llm import add_lora, build_llm, build_tokenizer, check_vocabulary
+from speechllm.model.projection import AudioProjection
 from speechllm.model.parts import trainable_groups
 
 IGNORE_INDEX = -100  # labels outside the target (prompt, audio, instruction, padding) never enter the loss
