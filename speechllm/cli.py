@@ -44,10 +44,10 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    from speechllm.evaluation.evaluate import EvalSettings, evaluate
+    from speechllm.evaluation.evaluate import EvalError, EvalSettings, evaluate
     from speechllm.evaluation.report import print_table
 
-    every_task, per_task = _token_budgets(args.max_new_tokens)
+    every_task, per_task = _per_task_counts(args.max_new_tokens, "--max-new-tokens", 1, EvalError)
     report = evaluate(
         args.run_dir,
         EvalSettings(
@@ -70,21 +70,19 @@ def _eval(args) -> int:
     return 0
 
 
-def _token_budgets(values: list[str]) -> tuple[int | None, dict[str, int]]:
-    """--max-new-tokens N (every task) and TASK=N (one task), repeatable."""
-    from speechllm.evaluation.evaluate import EvalError
-
+def _per_task_counts(values: list[str], option: str, least: int, error) -> tuple[int | None, dict[str, int]]:
+    """An option's values N (every task; the last one counts) and TASK=N (one task), each N >= `least`."""
     every_task, per_task = None, {}
     for value in values:
         task, sep, number = value.rpartition("=")
-        try:
-            tokens = _positive_int(number)
-        except argparse.ArgumentTypeError:
-            raise EvalError(f"--max-new-tokens {value}: expected N or TASK=N with a positive N") from None
+        count = int(number) if number.strip().isdigit() else -1
+        if count < least:
+            wanted = "a positive N" if least == 1 else f"N >= {least}"
+            raise error(f"{option} {value}: expected N or TASK=N with {wanted}")
         if sep:
-            per_task[task.strip().lower()] = tokens
+            per_task[task.strip().lower()] = count
         else:
-            every_task = tokens
+            every_task = count
     return every_task, per_task
 
 
@@ -168,11 +166,13 @@ def _synth(args) -> int:
     from speechllm.data.synth import SYNTH_TASKS, synthesize_corpus
 
     tasks = args.tasks.split(",") if args.tasks else SYNTH_TASKS
+    every_task, per_task = _per_task_counts(args.train_per_task, "--train-per-task", 0, ConfigError)
     summary = synthesize_corpus(
         args.out,
-        train_per_task=args.train_per_task,
+        train_per_task=200 if every_task is None else every_task,
         eval_per_task=args.eval_per_task,
         tasks=tasks,
+        train_sizes=per_task,
         seed=args.seed,
         snr_db=args.snr_db,
     )
@@ -338,7 +338,8 @@ def _parser() -> argparse.ArgumentParser:
     data = commands.add_parser("data", help="make and check data").add_subparsers(required=True, metavar="ACTION")
     synth = data.add_parser("synth", help="write the offline synthetic multi-task corpus")
     synth.add_argument("--out", type=Path, required=True)
-    synth.add_argument("--train-per-task", type=int, default=200)
+    synth.add_argument("--train-per-task", action="append", default=[], metavar="N|TASK=N",
+                       help="train examples of every task (N, default 200) or of one task (TASK=N), repeatable")
     synth.add_argument("--eval-per-task", type=int, default=40)
     synth.add_argument("--tasks", help="comma-separated subset, e.g. asr,kws")
     synth.add_argument("--snr-db", type=float, help="add noise to speech at this SNR")

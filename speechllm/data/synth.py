@@ -23,7 +23,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import espeakng_loader
 import numpy as np
@@ -40,11 +40,14 @@ SPLITS = ("train", "dev", "test")
 
 # ----------------------------------------------------------------------------------------- voices
 ACCENTS = ("en", "en-us", "en-gb-x-rp", "en-gb-scotland", "en-029", "en-us-nyc")
-# espeak's variants m1..m7 are male and f1..f5 female; dev and test keep one of each to themselves.
+# espeak-ng voice variants by the gender their files declare (pitch 70 to 160 Hz male, 145 to 330 Hz female).
+# Dev and test keep two of each to themselves; variants that differ only in name stay in one split.
 VARIANTS = {
-    "train": {"male": ("m1", "m2", "m3", "m4", "m5"), "female": ("f1", "f2", "f3")},
-    "dev": {"male": ("m6",), "female": ("f4",)},
-    "test": {"male": ("m7",), "female": ("f5",)},
+    "train": {"male": ("m1", "m2", "m3", "m4", "m5", "m8", "Andy", "Denis", "Lee", "Storm", "Marco", "sandro",
+                       "Diogo", "Henrique", "Hugo", "michel", "miguel", "antonio"),
+              "female": ("f1", "f2", "f3", "Alicia", "Annie", "belinda", "linda", "steph", "grandma")},
+    "dev": {"male": ("m6", "travis"), "female": ("f4", "Andrea")},
+    "test": {"male": ("m7", "victor"), "female": ("f5", "anika")},
 }
 WPM_RANGE = (130, 200)
 PITCH_RANGE = (30, 70)
@@ -447,6 +450,7 @@ def synthesize_corpus(
     train_per_task: int = 200,
     eval_per_task: int = 40,
     tasks: Iterable[str] = SYNTH_TASKS,
+    train_sizes: Mapping[str, int] | None = None,
     seed: int = 0,
     snr_db: float | None = None,
     sample_rate: int = 16000,
@@ -454,30 +458,34 @@ def synthesize_corpus(
 ) -> dict:
     """Write train/dev/test manifests and their WAV files under `out_dir`; return a summary.
 
-    dev and test hold `eval_per_task` examples per task each. The same arguments give byte-identical files.
+    train holds `train_per_task` examples of each task but those `train_sizes` gives its own count (stage 1
+    trains on ASR alone, and ASR corpora dwarf the others in practice too); dev and test hold `eval_per_task`
+    examples per task each. The same arguments give byte-identical files, and a task's first N examples do not
+    depend on how many follow or on the other tasks.
     """
     tasks = _checked_tasks(tasks, train_per_task, eval_per_task)
+    train_sizes = _checked_train_sizes(tasks, train_per_task, train_sizes or {})
     out_dir = Path(out_dir)
-    sizes = {"train": train_per_task, "dev": eval_per_task, "test": eval_per_task}
+    sizes = {"train": train_sizes, "dev": dict.fromkeys(tasks, eval_per_task), "test": dict.fromkeys(tasks, eval_per_task)}
     engine = _engine()
-    engine.restart()
     started, seconds = time.perf_counter(), 0.0
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, disable=not progress) as bar:
-        job = bar.add_task("synthesizing speech", total=len(tasks) * sum(sizes.values()))
-        for split, size in sizes.items():
+        job = bar.add_task("synthesizing speech", total=sum(sum(split.values()) for split in sizes.values()))
+        for split, per_task in sizes.items():
             (out_dir / "audio" / split).mkdir(parents=True, exist_ok=True)
             rows = []
             for task in tasks:
                 rng = random.Random(f"{seed}:{split}:{task}")
-                for index in range(size):
+                engine.restart()  # so a task's clips depend on nothing spoken before them
+                for index in range(per_task[task]):
                     rows.append(_example(engine, out_dir, split, task, index, rng, sample_rate, snr_db))
                     seconds += rows[-1]["duration"]
                     bar.advance(job)
             write_manifest(out_dir / f"{split}.jsonl", rows)
     return {
-        "examples": {split: size * len(tasks) for split, size in sizes.items()},
-        "per_task": {task: dict(sizes) for task in tasks},
+        "examples": {split: sum(per_task.values()) for split, per_task in sizes.items()},
+        "per_task": {task: {split: sizes[split][task] for split in sizes} for task in tasks},
         "audio_seconds": round(seconds, 1),
         "audio_hours": round(seconds / 3600, 3),
         "wall_seconds": round(time.perf_counter() - started, 1),
@@ -493,6 +501,17 @@ def _checked_tasks(tasks: Iterable[str], train_per_task: int, eval_per_task: int
     if train_per_task < 0 or eval_per_task < 0:
         raise ConfigError(f"examples per task must be >= 0, got train {train_per_task}, eval {eval_per_task}")
     return tasks
+
+
+def _checked_train_sizes(tasks: tuple[str, ...], train_per_task: int, train_sizes: Mapping[str, int]) -> dict[str, int]:
+    sizes = {name.strip().lower(): count for name, count in train_sizes.items()}
+    strangers = [name for name in sizes if name not in tasks]
+    if strangers:
+        raise ConfigError(f"train sizes name {', '.join(map(repr, strangers))}, not among the corpus's tasks "
+                          f"({', '.join(tasks)})")
+    if any(count < 0 for count in sizes.values()):
+        raise ConfigError(f"examples per task must be >= 0, got train sizes {sizes}")
+    return {task: sizes.get(task, train_per_task) for task in tasks}
 
 
 def _example(engine: _Espeak, out_dir: Path, split: str, task: str, index: int, rng: random.Random,

@@ -39,6 +39,7 @@ class DemoSize:
     """How much data and how many steps; `full` is `make demo`, `ci` the reduced test."""
 
     train_per_task: int
+    asr_train_clips: int  # stage 1 trains on ASR alone: at 600 clips it memorizes them (dev WER 0.20, 0.08 at 1,800)
     eval_per_task: int
     encoder_steps: int
     encoder_batch_seconds: float
@@ -51,13 +52,13 @@ class DemoSize:
 
 
 SIZES = {
-    "full": DemoSize(train_per_task=600, eval_per_task=100, encoder_steps=1000, encoder_batch_seconds=48.0,
-                     lm_steps=3000, lm_examples_per_task=3000, stage1_steps=1000, warmup_steps=800,
-                     multitask_steps=1200, val_check_interval=400),
+    "full": DemoSize(train_per_task=600, asr_train_clips=1800, eval_per_task=100, encoder_steps=1000,
+                     encoder_batch_seconds=48.0, lm_steps=2000, lm_examples_per_task=3000, stage1_steps=1000,
+                     warmup_steps=200, multitask_steps=1800, val_check_interval=400),
     # The reduced demo on ASR and IC (`--tasks asr,ic`), sized to learn within CI's 5 minutes.
-    "ci": DemoSize(train_per_task=400, eval_per_task=40, encoder_steps=600, encoder_batch_seconds=16.0,
-                   lm_steps=450, lm_examples_per_task=500, stage1_steps=350, warmup_steps=50, multitask_steps=200,
-                   val_check_interval=1000),
+    "ci": DemoSize(train_per_task=400, asr_train_clips=400, eval_per_task=40, encoder_steps=600,
+                   encoder_batch_seconds=16.0, lm_steps=450, lm_examples_per_task=500, stage1_steps=350,
+                   warmup_steps=50, multitask_steps=200, val_check_interval=1000),
 }
 
 
@@ -107,8 +108,9 @@ class Demo:
     def make_corpus(self) -> None:
         if (self.corpus / "test.jsonl").is_file():
             return self.console.print(f"{self.corpus} exists")
+        asr = ["--train-per-task", f"asr={self.size.asr_train_clips}"] if "asr" in self.tasks else []
         self.command("data", "synth", "--out", str(self.corpus), "--train-per-task", str(self.size.train_per_task),
-                     "--eval-per-task", str(self.size.eval_per_task), "--tasks", ",".join(self.tasks))
+                     *asr, "--eval-per-task", str(self.size.eval_per_task), "--tasks", ",".join(self.tasks))
 
     def pretrain_encoder(self) -> None:
         from speechllm.demo.encoder import pretrain_encoder

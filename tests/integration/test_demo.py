@@ -18,9 +18,9 @@ from speechllm.demo.pipeline import Demo, DemoSize
 from speechllm.evaluation.evaluate import load_run_config
 from speechllm.model.speech_llm import SpeechLLM
 
-TOKEN_SIZE = DemoSize(train_per_task=16, eval_per_task=6, encoder_steps=4, encoder_batch_seconds=12.0, lm_steps=4,
-                      lm_examples_per_task=40, stage1_steps=3, warmup_steps=2, multitask_steps=2,
-                      val_check_interval=3)
+TOKEN_SIZE = DemoSize(train_per_task=16, asr_train_clips=20, eval_per_task=6, encoder_steps=4,
+                      encoder_batch_seconds=12.0, lm_steps=4, lm_examples_per_task=40, stage1_steps=3, warmup_steps=2,
+                      multitask_steps=2, val_check_interval=3)
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +39,8 @@ def test_the_demo_writes_one_row_per_task_with_every_comparison(demo):
             assert row[column] is not None and row[column] >= 0, (row["task"], column)
         assert row["target"] == {"asr": 0.20, "ic": 0.90}[row["task"]]
     assert 0 < rows["ic"]["majority"] < 1 and rows["asr"]["majority"] is None
+    train = [json.loads(line)["task"] for line in (pipeline.corpus / "train.jsonl").read_text().splitlines()]
+    assert (train.count("asr"), train.count("ic")) == (20, 16)  # stage 1's ASR gets its own, larger share
     assert json.loads((pipeline.root / "results.json").read_text()) == results
     assert "| asr | wer |" in (pipeline.root / "results.md").read_text()
     # The stand-ins' own dev scores, the LM's transcription of dev sentences given as text among them.

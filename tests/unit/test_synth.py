@@ -1,5 +1,6 @@
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,9 +78,9 @@ def test_ic_and_sf_targets_name_the_intent_and_its_slots_in_order(corpus):
 
 
 def test_sc_target_is_the_gender_of_the_speaking_voice(corpus):
-    for row in rows_of(corpus[0], "sc"):
-        variant = row["voice"].split("+")[1]
-        assert row["target"] == {"m": "male", "f": "female"}[variant[0]]
+    for row in rows_of(corpus[0], "sc"):  # (and the voices' genders are espeak's own: the test below)
+        variant, split = row["voice"].split("+")[1], row["id"].split("-")[0]
+        assert variant in VARIANTS[split][row["target"]]
 
 
 def test_sns_non_speech_clips_are_sounds_without_a_voice(corpus):
@@ -106,6 +107,18 @@ def test_dev_and_test_voices_and_sentences_never_occur_in_train(corpus):
         }
         held_out = {v for variants in VARIANTS[split].values() for v in variants}
         assert {r["voice"].split("+")[1] for r in rows if "voice" in r} <= held_out
+
+
+def test_each_voice_variant_is_in_one_split_and_has_the_gender_its_espeak_file_declares():
+    import espeakng_loader
+
+    variants = [(split, gender, v) for split, genders in VARIANTS.items() for gender, vs in genders.items() for v in vs]
+    assert len({v for _, _, v in variants}) == len(variants)
+    for _, gender, variant in variants:
+        declared = (Path(espeakng_loader.get_data_path()) / "voices" / "!v" / variant).read_text(errors="ignore")
+        assert re.search(rf"^gender\s+{gender}\b", declared, re.M | re.I), variant
+    for split in ("dev", "test"):
+        assert all(len(VARIANTS[split][gender]) >= 2 for gender in ("male", "female"))
 
 
 def test_same_seed_gives_an_identical_corpus_and_another_seed_a_different_one(corpus, tmp_path):
@@ -136,6 +149,30 @@ def test_a_task_subset_writes_only_those_tasks(tmp_path):
     summary = synthesize_corpus(tmp_path, train_per_task=2, eval_per_task=1, tasks=["st", "kws"], progress=False)
     assert summary["per_task"] == {"st": {"train": 2, "dev": 1, "test": 1}, "kws": {"train": 2, "dev": 1, "test": 1}}
     assert [row["task"] for row in manifest(tmp_path, "train")] == ["st", "st", "kws", "kws"]
+
+
+def test_a_task_can_have_more_train_examples_and_its_first_ones_stay_the_same(tmp_path):
+    summary = synthesize_corpus(tmp_path / "big", train_per_task=1, eval_per_task=1, tasks=["asr", "ic"],
+                                train_sizes={"ASR": 3}, progress=False)
+    assert summary["per_task"] == {"asr": {"train": 3, "dev": 1, "test": 1}, "ic": {"train": 1, "dev": 1, "test": 1}}
+    assert summary["examples"] == {"train": 4, "dev": 2, "test": 2}
+    small = synthesize_corpus(tmp_path / "small", train_per_task=1, eval_per_task=1, tasks=["asr", "ic"], progress=False)
+    big_rows, small_rows = manifest(tmp_path / "big", "train"), manifest(tmp_path / "small", "train")
+    assert [row["task"] for row in big_rows] == ["asr", "asr", "asr", "ic"]
+    assert [big_rows[0], big_rows[3]] == small_rows  # more ASR leaves the first ASR clip and the other tasks alone
+    assert small["per_task"]["asr"]["train"] == 1
+
+
+def test_cli_train_per_task_takes_a_default_and_per_task_counts(tmp_path, capsys):
+    from speechllm.cli import main
+
+    assert main(["data", "synth", "--out", str(tmp_path), "--train-per-task", "1", "--train-per-task", "kws=2",
+                 "--eval-per-task", "0", "--tasks", "sns,kws"]) == 0
+    assert [row["task"] for row in manifest(tmp_path, "train")] == ["sns", "kws", "kws"]
+    assert main(["data", "synth", "--out", str(tmp_path), "--train-per-task", "kws=-1"]) == 2
+    assert "error: --train-per-task kws=-1: expected N or TASK=N with N >= 0" in capsys.readouterr().err
+    assert main(["data", "synth", "--out", str(tmp_path), "--tasks", "asr", "--train-per-task", "ic=2"]) == 2
+    assert "train sizes name 'ic', not among the corpus's tasks (asr)" in capsys.readouterr().err
 
 
 def test_unknown_task_is_a_config_error_listing_the_known_ones(tmp_path):
