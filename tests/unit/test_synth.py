@@ -117,8 +117,6 @@ def test_each_voice_variant_is_in_one_split_and_has_the_gender_its_espeak_file_d
     for _, gender, variant in variants:
         declared = (Path(espeakng_loader.get_data_path()) / "voices" / "!v" / variant).read_text(errors="ignore")
         assert re.search(rf"^gender\s+{gender}\b", declared, re.M | re.I), variant
-    for split in ("dev", "test"):
-        assert all(len(VARIANTS[split][gender]) >= 2 for gender in ("male", "female"))
 
 
 def test_same_seed_gives_an_identical_corpus_and_another_seed_a_different_one(corpus, tmp_path):
