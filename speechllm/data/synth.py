@@ -41,8 +41,7 @@ SPLITS = ("train", "dev", "test")
 # ----------------------------------------------------------------------------------------- voices
 ACCENTS = ("en", "en-us", "en-gb-x-rp", "en-gb-scotland", "en-029", "en-us-nyc")
 # espeak's variants m1..m7 are male and f1..f5 female (as their files declare); dev and test keep one of each
-# to themselves. (27 train variants and two of each gender in dev and test made the voices of dev and test
-# harder to hear than these, beyond what the reduced demo learns within CI's five minutes.)
+# to themselves. (Other variants as unseen voices were much harder to hear; the README's demo section has it.)
 VARIANTS = {
     "train": {"male": ("m1", "m2", "m3", "m4", "m5"), "female": ("f1", "f2", "f3")},
     "dev": {"male": ("m6",), "female": ("f4",)},
@@ -465,7 +464,8 @@ def synthesize_corpus(
     tasks = _checked_tasks(tasks, train_per_task, eval_per_task)
     train_sizes = _checked_train_sizes(tasks, train_per_task, train_sizes or {})
     out_dir = Path(out_dir)
-    sizes = {"train": train_sizes, "dev": dict.fromkeys(tasks, eval_per_task), "test": dict.fromkeys(tasks, eval_per_task)}
+    held_out = dict.fromkeys(tasks, eval_per_task)
+    sizes = {"train": train_sizes, "dev": held_out, "test": held_out}
     engine = _engine()
     started, seconds = time.perf_counter(), 0.0
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
@@ -502,7 +502,9 @@ def _checked_tasks(tasks: Iterable[str], train_per_task: int, eval_per_task: int
     return tasks
 
 
-def _checked_train_sizes(tasks: tuple[str, ...], train_per_task: int, train_sizes: Mapping[str, int]) -> dict[str, int]:
+def _checked_train_sizes(tasks: tuple[str, ...], train_per_task: int,
+                         train_sizes: Mapping[str, int]) -> dict[str, int]:
+    """Each task's train count: its own in `train_sizes`, else `train_per_task`."""
     sizes = {name.strip().lower(): count for name, count in train_sizes.items()}
     strangers = [name for name in sizes if name not in tasks]
     if strangers:

@@ -154,7 +154,8 @@ def test_a_task_can_have_more_train_examples_and_its_first_ones_stay_the_same(tm
                                 train_sizes={"ASR": 3}, progress=False)
     assert summary["per_task"] == {"asr": {"train": 3, "dev": 1, "test": 1}, "ic": {"train": 1, "dev": 1, "test": 1}}
     assert summary["examples"] == {"train": 4, "dev": 2, "test": 2}
-    small = synthesize_corpus(tmp_path / "small", train_per_task=1, eval_per_task=1, tasks=["asr", "ic"], progress=False)
+    small = synthesize_corpus(tmp_path / "small", train_per_task=1, eval_per_task=1, tasks=["asr", "ic"],
+                              progress=False)
     big_rows, small_rows = manifest(tmp_path / "big", "train"), manifest(tmp_path / "small", "train")
     assert [row["task"] for row in big_rows] == ["asr", "asr", "asr", "ic"]
     assert [big_rows[0], big_rows[3]] == small_rows  # more ASR leaves the first ASR clip and the other tasks alone
