@@ -13,6 +13,7 @@ import pytest
 import torch
 from rich.console import Console
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
 from speechllm.demo.pipeline import Demo, DemoSize
 from speechllm.evaluation.evaluate import load_run_config
@@ -51,6 +52,20 @@ def test_the_demo_writes_one_row_per_task_with_every_comparison(demo):
              for run, name in (("stage2", "test-both"), ("ablation", "test-seen"), ("untrained", "test-seen"))}
     assert steps == {"stage2": 4, "ablation": 7, "untrained": 1}
     assert load_run_config(pipeline.root / "stage2").init_from == str(pipeline.root / "stage1")
+
+
+def test_answers_are_budgeted_at_twice_the_longest_training_answer(demo):
+    pipeline, _ = demo
+    tokenizer = AutoTokenizer.from_pretrained(pipeline.root / "pretrained" / "llm")
+    longest = {}
+    for line in (pipeline.corpus / "train.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        length = len(tokenizer(row["target"], add_special_tokens=False)["input_ids"])
+        longest[row["task"]] = max(longest.get(row["task"], 0), length)
+    for run, name in (("stage2", "test-both"), ("ablation", "test-seen"), ("untrained", "test-seen")):
+        report = json.loads((pipeline.root / run / "eval" / name / "report.json").read_text())
+        budgets = {task: scores["max_new_tokens"] for task, scores in report["tasks"].items()}
+        assert budgets == {task: 2 * (n + 1) for task, n in longest.items()}, run  # not eval's default 128 / 32
 
 
 def test_the_stack_loads_the_demo_stand_ins_through_from_pretrained(demo):
