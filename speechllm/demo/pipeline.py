@@ -2,7 +2,7 @@
 
 Steps 1, 3 and 4 are the real commands a user runs (`speechllm data synth`, `speechllm train`,
 `speechllm eval`), launched as subprocesses so the demo exercises exactly what users get; step 2 trains
-the stand-ins for hub models in this process. Every step whose output exists is skipped, so an
+the stand-ins for hub models in worker processes. Every step whose output exists is skipped, so an
 interrupted demo continues where it stopped (`speechllm train` itself resumes from last.ckpt).
 """
 
@@ -49,6 +49,7 @@ class DemoSize:
     encoder_batch_seconds: float
     lm_steps: int
     lm_examples_per_task: int
+    stand_in_workers: int  # 2: encoder and LM at the same time, each on half the cores; 1: one after the other
     stage1_steps: int
     stage1_batch_seconds: float  # audio per stage-1 batch (the demo data preset's is 60)
     warmup_steps: int
@@ -58,13 +59,17 @@ class DemoSize:
 
 SIZES = {
     "full": DemoSize(train_per_task=600, asr_train_clips=1800, eval_per_task=100, encoder_steps=1000,
-                     encoder_batch_seconds=48.0, lm_steps=2000, lm_examples_per_task=3000, stage1_steps=1000,
-                     stage1_batch_seconds=60.0, warmup_steps=200, multitask_steps=1800, val_check_interval=400),
-    # The reduced demo on ASR and IC (`--tasks asr,ic`), sized to learn within CI's 5 minutes. Stage 1 takes
-    # batches of 120 s: per second of training, dev WER 0.58 against 0.77 with 60 s (350 steps each).
+                     encoder_batch_seconds=48.0, lm_steps=2000, lm_examples_per_task=3000, stand_in_workers=1,
+                     stage1_steps=1000, stage1_batch_seconds=60.0, warmup_steps=200, multitask_steps=1800,
+                     val_check_interval=400),
+    # The reduced demo on ASR and IC (`--tasks asr,ic`), sized to learn within CI's 5 minutes. Its stand-ins
+    # are small enough that two at once, a core each, finish sooner (2 cores: 121 s against 145 s; at full
+    # size 640 s against 600 s). Stage 1 takes batches of 120 s: per second of training, dev WER 0.58
+    # against 0.77 with 60 s (350 steps each).
     "ci": DemoSize(train_per_task=400, asr_train_clips=800, eval_per_task=40, encoder_steps=600,
-                   encoder_batch_seconds=16.0, lm_steps=450, lm_examples_per_task=500, stage1_steps=300,
-                   stage1_batch_seconds=120.0, warmup_steps=50, multitask_steps=200, val_check_interval=1000),
+                   encoder_batch_seconds=16.0, lm_steps=450, lm_examples_per_task=500, stand_in_workers=2,
+                   stage1_steps=300, stage1_batch_seconds=120.0, warmup_steps=50, multitask_steps=200,
+                   val_check_interval=1000),
 }
 
 
@@ -118,11 +123,7 @@ class Demo:
                      *asr, "--eval-per-task", str(self.size.eval_per_task), "--tasks", ",".join(self.tasks))
 
     def pretrain_stand_ins(self) -> None:
-        """The encoder and the LM at the same time, each on its share of the cores.
-
-        Models this small gain little from a second thread: on 2 cores the reduced demo's pair takes 121 s
-        this way against 145 s one after the other, and one thread each makes both reproducible.
-        """
+        """The encoder and the LM, in `size.stand_in_workers` worker processes that share the cores."""
         from speechllm.demo.encoder import pretrain_encoder
         from speechllm.demo.language_model import pretrain_language_model
 
@@ -133,9 +134,10 @@ class Demo:
             "llm": (pretrain_language_model, dict(steps=s.lm_steps, examples_per_task=s.lm_examples_per_task,
                                                   tasks=self.tasks)),
         }
-        threads = max(1, (os.cpu_count() or 2) // len(jobs))
+        workers = s.stand_in_workers
+        threads = max(1, (os.cpu_count() or 2) // workers)
         context = multiprocessing.get_context("spawn")  # no fork of a process that already runs torch threads
-        with ProcessPoolExecutor(len(jobs), mp_context=context, initializer=torch_threads, initargs=(threads,)) as pool:
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=torch_threads, initargs=(threads,)) as pool:
             running = {}
             for name, (pretrain, kwargs) in jobs.items():
                 out = self.root / "pretrained" / name

@@ -20,8 +20,9 @@ from speechllm.evaluation.evaluate import load_run_config
 from speechllm.model.speech_llm import SpeechLLM
 
 TOKEN_SIZE = DemoSize(train_per_task=16, asr_train_clips=20, eval_per_task=6, encoder_steps=4,
-                      encoder_batch_seconds=12.0, lm_steps=4, lm_examples_per_task=40, stage1_steps=3,
-                      stage1_batch_seconds=30.0, warmup_steps=2, multitask_steps=2, val_check_interval=3)
+                      encoder_batch_seconds=12.0, lm_steps=4, lm_examples_per_task=40, stand_in_workers=2,
+                      stage1_steps=3, stage1_batch_seconds=30.0, warmup_steps=2, multitask_steps=2,
+                      val_check_interval=3)
 
 
 @pytest.fixture(scope="module")
