@@ -1,6 +1,6 @@
 """The reduced demo learns: `python -m speechllm.demo --size ci --tasks asr,ic --no-ablation`, in CI.
 
-A few hundred utterances and a few hundred steps of everything the full demo does (the corpus, both
+About a thousand utterances and a few hundred steps of everything the full demo does (the corpus, both
 stand-ins pretrained from scratch, stage 1, stage 2 through the real commands), then `speechllm eval` on
 the test split: voices and sentences that no step trained on. What the demo reaches at full size is in the
 README; this proves, on every commit, that the recipe still learns at all.
