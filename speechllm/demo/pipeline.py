@@ -137,7 +137,7 @@ class Demo:
         workers = s.stand_in_workers
         threads = max(1, (os.cpu_count() or 2) // workers)
         context = multiprocessing.get_context("spawn")  # no fork of a process that already runs torch threads
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=torch_threads, initargs=(threads,)) as pool:
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_torch_threads, initargs=(threads,)) as pool:
             running = {}
             for name, (pretrain, kwargs) in jobs.items():
                 out = self.root / "pretrained" / name
@@ -241,7 +241,7 @@ class Demo:
                 "stand_ins": stand_ins}
 
 
-def torch_threads(count: int) -> None:
+def _torch_threads(count: int) -> None:
     import torch
 
     torch.set_num_threads(count)
