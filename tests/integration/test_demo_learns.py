@@ -22,7 +22,7 @@ def test_the_reduced_demo_learns_asr_and_intents_on_unseen_voices_and_sentences(
     assert ic["seen"] > ic["majority"] + ACCURACY_MARGIN, ic
 
 
-# Measured at this size (2-core CPU, 2026-11-26, five runs): ASR WER 0.57 to 0.69 against 1.19 untrained, IC 0.43
+# Measured at this size (2-core CPU, 2026-11-26, six runs): ASR WER 0.57 to 0.69 against 1.19 untrained, IC 0.43
 # to 0.70 against 0.20 always answering the commonest intent (40 test clips per task). Training on 2 threads is
 # not bit-reproducible (README, "Checkpoints and resume"), so these vary from run to run.
 WER_MARGIN = 0.3  # absolute: "by a wide margin"
