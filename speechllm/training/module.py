@@ -16,6 +16,7 @@ from speechllm.model.encoder import inference_dtype
 from speechllm.model.llm import decoder_layers
 from speechllm.model.speech_llm import SpeechLLM, SpeechLLMOutput
 from speechllm.training.checkpoints import META_KEY, CheckpointError, check_compatible, rng_states, set_rng_states
+from speechllm.training.cpu_backward import without_onednn_on_cpu
 from speechllm.training.stage_scheduler import StagePlan
 
 
@@ -61,6 +62,10 @@ class SpeechLLMModule(L.LightningModule):
         out = self._loss(batch)
         self.log("train/loss", out.loss, prog_bar=True, batch_size=len(batch))
         return out.loss
+
+    def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
+        with without_onednn_on_cpu(loss.device):  # oneDNN's conv backward is wrong on several CPU threads
+            super().backward(loss, *args, **kwargs)
 
     def _loss(self, batch: Batch) -> SpeechLLMOutput:
         """Through the model's forward (what DDP/FSDP wrap), from waveforms or from cached features."""
