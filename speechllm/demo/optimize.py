@@ -8,6 +8,8 @@ from typing import Callable
 
 import torch
 
+from speechllm.training.cpu_backward import without_onednn_on_cpu
+
 
 def train_steps(model: torch.nn.Module, steps: int, batch_loss: Callable[[], torch.Tensor], lr: float,
                 warmup_fraction: float, name: str, log=print, log_every: int = 50) -> None:
@@ -21,7 +23,8 @@ def train_steps(model: torch.nn.Module, steps: int, batch_loss: Callable[[], tor
     model.train()
     for step in range(1, steps + 1):
         loss = batch_loss()
-        loss.backward()
+        with without_onednn_on_cpu(loss.device):  # oneDNN's conv backward is wrong on several CPU threads
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()
