@@ -37,7 +37,7 @@ def test_the_demo_writes_one_row_per_task_with_every_comparison(demo):
     rows = {row["task"]: row for row in results["rows"]}
     assert set(rows) == {"asr", "ic"}
     for row in rows.values():
-        for column in ("seen", "heldout", "untrained", "ablation"):
+        for column in ("seen", "heldout", "untrained", "ablation", "ablation_heldout"):
             assert row[column] is not None and row[column] >= 0, (row["task"], column)
         assert row["target"] == {"asr": 0.20, "ic": 0.90}[row["task"]]
     assert 0 < rows["ic"]["majority"] < 1 and rows["asr"]["majority"] is None
@@ -50,9 +50,13 @@ def test_the_demo_writes_one_row_per_task_with_every_comparison(demo):
     assert "transcribing dev sentences given as spoken text, WER" in (pipeline.root / "results.md").read_text()
     # Each run trained for its own budget, and stage 2 started from stage 1's weights.
     steps = {run: json.loads((pipeline.root / run / "eval" / name / "report.json").read_text())["global_step"]
-             for run, name in (("stage2", "test-both"), ("ablation", "test-seen"), ("untrained", "test-seen"))}
+             for run, name in (("stage2", "test-both"), ("ablation", "test-both"), ("untrained", "test-seen"))}
     assert steps == {"stage2": 4, "ablation": 7, "untrained": 1}
     assert load_run_config(pipeline.root / "stage2").init_from == str(pipeline.root / "stage1")
+    # Both multitask runs keep the stage files' mix (ASR weighted 2) and give the tasks left out weight 0.
+    for run in ("stage2", "ablation"):
+        mix = dict(load_run_config(pipeline.root / run).phases[1].tasks)
+        assert mix == {"asr": 2.0, "ic": 1.0, "st": 0.0, "sf": 0.0, "kwe": 0.0, "kws": 0.0, "sc": 0.0, "sns": 0.0}, run
 
 
 def test_answers_are_budgeted_at_twice_the_longest_training_answer(demo):
@@ -63,7 +67,7 @@ def test_answers_are_budgeted_at_twice_the_longest_training_answer(demo):
         row = json.loads(line)
         length = len(tokenizer(row["target"], add_special_tokens=False)["input_ids"])
         longest[row["task"]] = max(longest.get(row["task"], 0), length)
-    for run, name in (("stage2", "test-both"), ("ablation", "test-seen"), ("untrained", "test-seen")):
+    for run, name in (("stage2", "test-both"), ("ablation", "test-both"), ("untrained", "test-seen")):
         report = json.loads((pipeline.root / run / "eval" / name / "report.json").read_text())
         budgets = {task: scores["max_new_tokens"] for task, scores in report["tasks"].items()}
         assert budgets == {task: 2 * (n + 1) for task, n in longest.items()}, run  # not eval's default 128 / 32
