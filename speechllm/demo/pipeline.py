@@ -59,7 +59,7 @@ class DemoSize:
 
 SIZES = {
     "full": DemoSize(train_per_task=600, asr_train_clips=1800, eval_per_task=100, encoder_steps=1000,
-                     encoder_batch_seconds=48.0, lm_steps=1500, lm_examples_per_task=3000, stand_in_workers=1,
+                     encoder_batch_seconds=48.0, lm_steps=2000, lm_examples_per_task=3000, stand_in_workers=1,
                      stage1_steps=500, stage1_batch_seconds=60.0, warmup_steps=200, multitask_steps=2300,
                      val_check_interval=400),
     # The reduced demo on ASR and IC (`--tasks asr,ic`), sized to learn within CI's 5 minutes. Its stand-ins
