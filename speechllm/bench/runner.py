@@ -98,6 +98,7 @@ def run_bench(settings: BenchSettings) -> dict:
 
     # 1. Our Trainer, from audio, next to bare steps on the same batches.
     if device.type == "cuda":
+        torch.cuda.init()  # memory statistics before CUDA's lazy start fail ("Invalid device argument")
         torch.cuda.reset_peak_memory_stats(device)
     audio_timer = StepTimer(bare=True)
     run = train(cfg, callbacks=[audio_timer])
