@@ -210,7 +210,7 @@ def _pad_ids(rows: list[list[int]], length: int, fill: int, left: bool, device) 
 
 def _target_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> SpeechLLMOutput:
     # (tokens, vocab) rows, not (B, vocab, T): with the class dimension in the middle CUDA takes its spatial
-    # softmax kernels, 65% of a Qwen2-0.5B stage-1 step on an H100 (BENCHMARKS.md).
+    # softmax kernels, 69% of the GPU time of a Qwen2-0.5B stage-1 step on an H100 (BENCHMARKS.md).
     token_losses = nn.functional.cross_entropy(
         logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
     ).view_as(labels)
