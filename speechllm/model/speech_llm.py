@@ -155,27 +155,23 @@ class SpeechLLM(nn.Module):
     def _causal_inputs(self, audio, audio_mask, instructions, targets) -> LLMInputs:
         """[prompt prefix][audio][instruction + answer prefix][target + eos], left-padded."""
         prefix = self._token_ids(self.cfg.llm.prompt_prefix)
-        sequences, labels = [], []
+        rows, answers = [], []
         for i, instruction in enumerate(instructions):
-            prompt = self._token_ids(instruction + self.cfg.llm.answer_prefix)
             answer = self._token_ids(targets[i]) + [self.tokenizer.eos_token_id] if targets is not None else []
-            valid_audio = audio[i, audio_mask[i]]
-            sequences.append(torch.cat([self._embed(prefix), valid_audio, self._embed(prompt), self._embed(answer)]))
-            prompt_length = len(prefix) + valid_audio.shape[0] + len(prompt)
-            labels.append([IGNORE_INDEX] * prompt_length + answer)
-        embeds, mask = _pad_embeddings(sequences, left=True)
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        label_ids = _pad_ids(labels, embeds.shape[1], IGNORE_INDEX, left=True, device=embeds.device)
-        return LLMInputs(embeds, mask, label_ids if targets is not None else None, positions)
+            rows.append((prefix, self._token_ids(instruction + self.cfg.llm.answer_prefix) + answer))
+            answers.append(answer)
+        embeds, mask = self._assemble(audio, audio_mask, rows, left=True)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        labels = None
+        if targets is not None:  # each row ends with its answer
+            labels = _pad_ids(answers, embeds.shape[1], IGNORE_INDEX, left=True, device=embeds.device)
+        return LLMInputs(embeds, mask, labels, positions)
 
     def _seq2seq_inputs(self, audio, audio_mask, instructions, targets) -> LLMInputs:
         """Encoder reads [audio][instruction + eos]; the decoder is trained on [target + eos]."""
         eos = self.tokenizer.eos_token_id
-        sequences = [
-            torch.cat([audio[i, audio_mask[i]], self._embed(self._token_ids(instruction) + [eos])])
-            for i, instruction in enumerate(instructions)
-        ]
-        embeds, mask = _pad_embeddings(sequences, left=False)
+        rows = [([], self._token_ids(instruction) + [eos]) for instruction in instructions]
+        embeds, mask = self._assemble(audio, audio_mask, rows, left=False)
         labels = None
         if targets is not None:
             answers = [self._token_ids(target) + [eos] for target in targets]
@@ -183,24 +179,40 @@ class SpeechLLM(nn.Module):
             labels = _pad_ids(answers, length, IGNORE_INDEX, left=False, device=embeds.device)
         return LLMInputs(embeds, mask, labels)
 
+    def _assemble(
+        self, audio: torch.Tensor, audio_mask: torch.Tensor, rows: list[tuple[list[int], list[int]]], left: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row i: token ids rows[i][0], example i's valid audio, token ids rows[i][1]; padded with zero vectors
+        -> inputs_embeds (B, S, H) and attention mask (B, S).
+
+        Laid out on the host and built with one embedding lookup and one copy of the audio into its slots:
+        per-example device work (a boolean-mask gather and three small embedding lookups each) synchronised
+        the GPU dozens of times a step (BENCHMARKS.md).
+        """
+        table = self.llm.get_input_embeddings()
+        device = table.weight.device
+        lengths = audio_mask.sum(-1).tolist()  # the batch's one device sync; valid audio is a prefix of each row
+        sizes = [len(before) + n + len(after) for (before, after), n in zip(rows, lengths)]
+        width, frames = max(sizes), audio.shape[1]
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        slots, sources = [], []
+        for i, ((before, after), n, size) in enumerate(zip(rows, lengths, sizes)):
+            start = width - size if left else 0
+            ids[i, start:start + size] = torch.tensor(before + [0] * n + after, dtype=torch.long)
+            mask[i, start:start + size] = 1
+            audio_start = i * width + start + len(before)
+            slots.append(torch.arange(audio_start, audio_start + n))
+            sources.append(torch.arange(i * frames, i * frames + n))
+        mask = mask.to(device)
+        embeds = table(ids.to(device)) * mask.unsqueeze(-1)
+        flat_audio = audio.reshape(-1, audio.shape[-1]).index_select(0, torch.cat(sources).to(device))
+        embeds = embeds.reshape(-1, embeds.shape[-1]).index_copy(0, torch.cat(slots).to(device),
+                                                                  flat_audio.to(embeds.dtype))
+        return embeds.reshape(len(rows), width, -1), mask
+
     def _token_ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids if text else []
-
-    def _embed(self, ids: list[int]) -> torch.Tensor:
-        table = self.llm.get_input_embeddings()
-        return table(torch.tensor(ids, dtype=torch.long, device=table.weight.device))
-
-
-def _pad_embeddings(sequences: list[torch.Tensor], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(s.shape[0] for s in sequences)
-    first = sequences[0]
-    embeds = first.new_zeros(len(sequences), length, first.shape[-1])
-    mask = torch.zeros(len(sequences), length, dtype=torch.long, device=first.device)
-    for i, seq in enumerate(sequences):
-        span = slice(length - seq.shape[0], length) if left else slice(0, seq.shape[0])
-        embeds[i, span] = seq
-        mask[i, span] = 1
-    return embeds, mask
 
 
 def _pad_ids(rows: list[list[int]], length: int, fill: int, left: bool, device) -> torch.Tensor:

@@ -72,6 +72,21 @@ def test_padded_example_has_same_loss_as_alone(model):
             torch.testing.assert_close(batch[i], alone.example_losses[0], atol=1e-4, rtol=1e-4)
 
 
+def test_input_assembly_does_batch_sized_device_work_once(model):
+    """One embedding lookup and no boolean-mask gathers (a GPU sync each) however many examples: per-example
+    device work made the LLM step of a 0.5B model wait on the CPU (BENCHMARKS.md, GPU)."""
+    counts = []
+    for size in (2, 12):
+        waves, wave, mask = _padded_batch([7001 + 900 * i for i in range(size)])
+        with torch.no_grad():
+            audio, audio_mask = model.encode_audio(wave, mask)
+            with torch.profiler.profile() as prof:
+                model.build_inputs(audio, audio_mask, ["say it"] * size, ["ok"] * size)
+        names = [event.name for event in prof.events()]
+        counts.append((names.count("aten::embedding"), names.count("aten::nonzero"), names.count("aten::index")))
+    assert counts == [(1, 0, 0), (1, 0, 0)]
+
+
 def test_loss_reaches_only_target_tokens(model):
     """Gradients of the loss reach target positions only: prompt, audio, instruction and padding get none."""
     _, wave, mask = _padded_batch(LENGTHS[:2])
