@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from speechllm.config import ModelConfig
 from speechllm.model.downsampler import ConvDownsampler
@@ -18,6 +19,9 @@ from speechllm.model.projection import AudioProjection
 from speechllm.model.parts import trainable_groups
 
 IGNORE_INDEX = -100  # labels outside the target (prompt, audio, instruction, padding) never enter the loss
+# The LLM's SDPA kernels, cuDNN's left out: on an H100 each of its calls took 2 ms of CPU for under 0.1 ms of GPU
+# work with batches whose shapes change every step, 0.1 s of a 0.5B model's step (BENCHMARKS.md, GPU).
+LLM_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -97,6 +101,12 @@ class SpeechLLM(nn.Module):
         feature_mask (B, F)) with wave and wave_mask None."""
         audio, audio_mask = self._embed_audio(wave, wave_mask, features, feature_mask)
         inputs = self.build_inputs(audio, audio_mask, instructions, targets)
+        with sdpa_kernel(LLM_SDPA_BACKENDS):
+            logits, labels = self._llm_logits(inputs)
+        return _target_cross_entropy(logits, labels)
+
+    def _llm_logits(self, inputs: LLMInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits at the target positions and their labels."""
         if self.is_seq2seq:
             decoder_input_ids = self.llm.prepare_decoder_input_ids_from_labels(labels=inputs.labels)
             logits = self.llm(
@@ -118,7 +128,7 @@ class SpeechLLM(nn.Module):
                 logits_to_keep=answer + 1,
             ).logits[:, :-1]
             labels = inputs.labels[:, -answer:]  # token t is predicted from positions < t
-        return _target_cross_entropy(logits, labels)
+        return logits, labels
 
     @torch.no_grad()
     def generate(
@@ -134,15 +144,16 @@ class SpeechLLM(nn.Module):
         """Greedy (num_beams=1) or beam-search answers to `instructions` about each audio (as in `forward`)."""
         audio, audio_mask = self._embed_audio(wave, wave_mask, features, feature_mask)
         inputs = self.build_inputs(audio, audio_mask, instructions, targets=None)
-        tokens = self.llm.generate(
-            inputs_embeds=inputs.inputs_embeds,
-            attention_mask=inputs.attention_mask,
-            max_new_tokens=max_new_tokens,
-            num_beams=num_beams,
-            do_sample=False,
-            eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
+        with sdpa_kernel(LLM_SDPA_BACKENDS):
+            tokens = self.llm.generate(
+                inputs_embeds=inputs.inputs_embeds,
+                attention_mask=inputs.attention_mask,
+                max_new_tokens=max_new_tokens,
+                num_beams=num_beams,
+                do_sample=False,
+                eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
         return [text.strip() for text in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
 
     def build_inputs(

@@ -87,6 +87,21 @@ def test_input_assembly_does_batch_sized_device_work_once(model):
     assert counts == [(1, 0, 0), (1, 0, 0)]
 
 
+def test_llm_runs_without_cudnn_attention(model):
+    """cuDNN's SDPA is off while the LLM runs, in training and in generation, and on again after it."""
+    seen = []
+    handle = model.llm.register_forward_pre_hook(lambda *_: seen.append(torch.backends.cuda.cudnn_sdp_enabled()))
+    try:
+        _, wave, mask = _padded_batch(LENGTHS[:2])
+        with torch.no_grad():
+            model(wave, mask, ["say it", "say it"], ["ok", "no"])
+            model.generate(wave, mask, ["say it", "say it"], max_new_tokens=2)
+    finally:
+        handle.remove()
+    assert seen and not any(seen)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
 def test_loss_reaches_only_target_tokens(model):
     """Gradients of the loss reach target positions only: prompt, audio, instruction and padding get none."""
     _, wave, mask = _padded_batch(LENGTHS[:2])
