@@ -1,10 +1,15 @@
-"""Stand-in for a pretrained speech encoder: a small wav2vec 2.0 trained with CTC on the corpus transcripts.
+"""Stand-in for a pretrained speech encoder: a small wav2vec 2.0 trained with CTC on the corpus transcripts,
+and to tell each frame's pitch.
 
 No hub is reachable, so the "pretrained" encoder is trained here, on the synthetic train split only, and
 saved with `save_pretrained`: the stack then loads it through the same `from_pretrained` path as
 `microsoft/wavlm-large`. Its feature encoder is one wide strided convolution (a learned filterbank,
 25 ms windows every 10 ms) and one more stride-2 layer, so frames come at the 50 Hz of real encoders for
 a fraction of their convolution cost.
+
+CTC alone teaches the encoder to forget what the words do not need, the voice's pitch included, which
+self-supervised encoders keep (speaker traits are linearly readable from WavLM's layers). So a second
+head regresses each voiced frame's log F0 from the last layer, with a target taken from the audio itself.
 """
 
 from __future__ import annotations
@@ -54,11 +59,35 @@ ARCHITECTURE = dict(
 )
 
 
+FRAME_HOP = 320  # samples per encoder frame (strides 160 x 2): 20 ms at 16 kHz
+F0_RANGE = (60.0, 400.0)  # Hz searched; espeak's voices here lie within 70 to 250
+LOG_F0_MEAN, LOG_F0_STD = 4.9, 0.35  # standardises the target (log Hz over the train voices, male and female)
+PITCH_WEIGHT = 0.5  # of the pitch loss against CTC's
+
+
 @dataclass
 class Clip:
     wave: torch.Tensor
     labels: list[int]
     text: str
+    pitch: torch.Tensor  # standardised log F0 per 20 ms frame, NaN where unvoiced
+
+
+def pitch_track(wave: torch.Tensor, sample_rate: int = 16000, window: int = 640, threshold: float = 0.5) -> torch.Tensor:
+    """log F0 (Hz) every FRAME_HOP samples from `window`-sample frames by autocorrelation, NaN where unvoiced
+    (a weak periodicity peak, or under 5% of the clip's loudest frame's energy). The unnormalised
+    autocorrelation shrinks with the lag, which keeps the peak off multiples of the period."""
+    if len(wave) < window:
+        return torch.full((0,), float("nan"))
+    frames = wave.unfold(0, window, FRAME_HOP)
+    frames = frames - frames.mean(-1, keepdim=True)
+    power = torch.fft.rfft(frames, n=2 * window).abs().pow(2)
+    autocorrelation = torch.fft.irfft(power)[:, :window]
+    low, high = int(sample_rate / F0_RANGE[1]), int(sample_rate / F0_RANGE[0])
+    strength, lag = (autocorrelation[:, low : high + 1] / autocorrelation[:, :1].clamp(min=1e-8)).max(-1)
+    energy = autocorrelation[:, 0]
+    voiced = (strength > threshold) & (energy > 0.05 * energy.max())
+    return torch.where(voiced, torch.log(sample_rate / (lag + low).float()), torch.tensor(float("nan")))
 
 
 def load_clips(manifest: Path, limit: int | None = None) -> list[Clip]:
@@ -69,8 +98,9 @@ def load_clips(manifest: Path, limit: int | None = None) -> list[Clip]:
         if "transcript" not in row:
             continue
         text = normalize(row["transcript"])
-        wave, _ = sf.read(manifest.parent / row["audio"], dtype="float32")
-        clips.append(Clip(torch.from_numpy(wave), [ALPHABET.index(c) for c in text], text))
+        wave = torch.from_numpy(sf.read(manifest.parent / row["audio"], dtype="float32")[0])
+        pitch = (pitch_track(wave) - LOG_F0_MEAN) / LOG_F0_STD
+        clips.append(Clip(wave, [ALPHABET.index(c) for c in text], text, pitch))
         if limit and len(clips) >= limit:
             break
     return clips
@@ -100,7 +130,19 @@ def collate(clips: list[Clip]):
     labels = torch.full((len(clips), width), -100)
     for i, c in enumerate(clips):
         labels[i, : len(c.labels)] = torch.tensor(c.labels)
-    return wave, mask, labels
+    pitch = torch.full((len(clips), max(len(c.pitch) for c in clips)), float("nan"))
+    for i, c in enumerate(clips):
+        pitch[i, : len(c.pitch)] = c.pitch
+    return wave, mask, labels, pitch
+
+
+def pitch_loss(head: torch.nn.Linear, hidden: torch.Tensor, pitch: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of the standardised log F0 over the voiced frames both the encoder and the pitch
+    track have (their frame counts differ by a frame or two at the clip's end)."""
+    frames = min(hidden.shape[1], pitch.shape[1])
+    predicted, target = head(hidden[:, :frames]).squeeze(-1), pitch[:, :frames]
+    voiced = ~target.isnan()
+    return (predicted[voiced] - target[voiced]).pow(2).mean() if voiced.any() else predicted.sum() * 0.0
 
 
 def greedy_decode(logits: torch.Tensor, lengths: torch.Tensor) -> list[str]:
@@ -119,7 +161,7 @@ def character_error_rate(model: Wav2Vec2ForCTC, clips: list[Clip], batch_size: i
     with torch.inference_mode():
         for start in range(0, len(clips), batch_size):
             chunk = clips[start : start + batch_size]
-            wave, mask, _ = collate(chunk)
+            wave, mask, _, _ = collate(chunk)
             logits = model(wave, attention_mask=mask).logits
             lengths = model._get_feat_extract_output_lengths(mask.sum(-1))
             hyps += greedy_decode(logits, lengths)
@@ -153,6 +195,7 @@ def pretrain_encoder(corpus: Path, out_dir: Path, steps: int, max_batch_seconds:
     train = load_clips(corpus / "train.jsonl")
     dev = load_clips(corpus / "dev.jsonl", limit=128)
     model = Wav2Vec2ForCTC(Wav2Vec2Config(**ARCHITECTURE))
+    model.pitch_head = torch.nn.Linear(model.config.hidden_size, 1)  # trained with it, not saved
     first = model.wav2vec2.feature_extractor.conv_layers[0].conv
     with torch.no_grad():
         first.weight.copy_(filterbank(first.out_channels, first.kernel_size[0]))
@@ -160,8 +203,9 @@ def pretrain_encoder(corpus: Path, out_dir: Path, steps: int, max_batch_seconds:
     stream = batches(train, max_batch_seconds, random.Random(seed))
 
     def batch_loss() -> torch.Tensor:
-        wave, mask, labels = collate([train[i] for i in next(stream)])
-        return model(wave, attention_mask=mask, labels=labels).loss
+        wave, mask, labels, pitch = collate([train[i] for i in next(stream)])
+        out = model(wave, attention_mask=mask, labels=labels, output_hidden_states=True)
+        return out.loss + PITCH_WEIGHT * pitch_loss(model.pitch_head, out.hidden_states[-1], pitch)
 
     started = time.perf_counter()
     train_steps(model, steps, batch_loss, lr, warmup_fraction=0.1, name="encoder (ctc)", log=log)
