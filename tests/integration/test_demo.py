@@ -53,7 +53,7 @@ def test_the_demo_writes_one_row_per_task_with_every_comparison(demo):
              for run, name in (("stage2", "test-both"), ("ablation", "test-both"), ("untrained", "test-seen"))}
     assert steps == {"stage2": 4, "ablation": 7, "untrained": 1}
     assert load_run_config(pipeline.root / "stage2").init_from == str(pipeline.root / "stage1")
-    # Both multitask runs keep the stage files' mix (ASR weighted 2) and give the tasks left out weight 0.
+    # Both multitask runs keep the stage files' mix (ASR weighted 3) and give the tasks left out weight 0.
     for run in ("stage2", "ablation"):
         mix = dict(load_run_config(pipeline.root / run).phases[1].tasks)
         assert mix == {"asr": 3.0, "ic": 1.0, "st": 0.0, "sf": 0.0, "kwe": 0.0, "kws": 0.0, "sc": 0.0, "sns": 0.0}, run
