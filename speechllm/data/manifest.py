@@ -16,9 +16,9 @@ import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 import soundfile as sf
@@ -27,6 +27,7 @@ from rich.progress import track
 
 from speechllm.atomic import atomic_write_text
 from speechllm.data.tasks import Task, TaskError, TaskRegistry
+from speechllm.evaluation.metrics import normalize_text
 
 REQUIRED = ("audio", "task", "target")
 OPTIONAL = ("instruction", "duration", "id")  # every other field goes to Example.fields
@@ -319,6 +320,20 @@ class _AudioCache:
         if self.file is None or self.entries == self.loaded:
             return
         atomic_write_text(self.file, json.dumps({"version": CACHE_VERSION, "files": self.entries}))
+
+
+def transcripts_as_asr(examples: Sequence[Example]) -> list[Example]:
+    """An ASR example for each example of another task whose row carries a `transcript` (the synthetic
+    corpus, SLURP, CoVoST and Common Voice rows do): the same clip, the transcript as ASR's target (lowercase,
+    no punctuation, as ASR answers). Alignment on ASR then covers every word the corpus speaks, not only
+    those of its ASR sentences: a keyword that only keyword-spotting clips say is otherwise never mapped to
+    its token, and the audio path drops it."""
+    return [
+        replace(e, id=f"{e.id}/asr", task="asr", target=normalize_text(e.fields["transcript"]), instruction=None,
+                fields={})
+        for e in examples
+        if e.task != "asr" and isinstance(e.fields.get("transcript"), str) and normalize_text(e.fields["transcript"])
+    ]
 
 
 def write_manifest(path: str | Path, rows: list[dict]) -> None:

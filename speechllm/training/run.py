@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from speechllm.atomic import atomic_write_text
-from speechllm.data.manifest import Example, validate_manifests
+from speechllm.data.manifest import Example, transcripts_as_asr, validate_manifests
 from speechllm.data.tasks import TaskRegistry, default_registry
 from speechllm.model.pretrained import check_model_sources
 from speechllm.model.speech_llm import SpeechLLM
@@ -212,14 +212,18 @@ def load_examples(cfg: DictConfig, registry: TaskRegistry, run_dir: Path, split:
         rank_zero_info(f"{key}: skipped {len(report.problems)} bad example(s), listed in {run_dir}/skipped_{split}_examples.txt")
     if not report.examples:
         raise DataError(f"{key}: no usable examples")
+    derived = transcripts_as_asr(report.examples) if split == "train" and cfg.data.transcripts_as_asr else []
+    if derived:
+        rank_zero_info(f"data.transcripts_as_asr: {len(derived)} ASR examples from other tasks' transcripts")
     stats = {
         "examples": len(report.examples),
+        "transcripts_as_asr": len(derived),
         "skipped": len(report.problems),
         "hours": round(report.audio_seconds / 3600, 3),
         "stereo_mixed_down": report.stereo,
         "resampled": report.resampled,
     }
-    return SplitData(report.examples, stats)
+    return SplitData(report.examples + derived, stats)
 
 
 def read_resume(path: Path, model_cfg: DictConfig) -> dict:

@@ -61,3 +61,45 @@ def test_token_budget_bounds_llm_positions_per_batch(corpus):
     sizes = [sum(counts[i] for i, _ in batch) for batch in batches]
     assert all(size <= 400 for size, batch in zip(sizes, batches) if len(batch) > 1)
     assert max(len(batch) for batch in batches) > 1  # the budget is filled, not met by single examples
+
+
+def test_transcripts_as_asr_lets_asr_batches_hear_every_tasks_words(corpus, tmp_path):
+    """With data.transcripts_as_asr an ASR-only stage also trains on the other tasks' clips, their
+    transcripts normalised to ASR answers; without it, ASR batches hold ASR clips only."""
+    import itertools
+    from types import SimpleNamespace
+
+    from conftest import tiny_config
+    from speechllm.data.synth import KWS_POOL
+    from speechllm.training.datamodule import SpeechDataModule
+    from speechllm.training.run import build_registry, load_examples
+    from speechllm.training.stage_scheduler import StagePlan
+
+    def asr_batches(flag: str):
+        cfg = tiny_config("tiny", f"data.train_manifests=[{corpus}/train.jsonl]", f"output_dir={tmp_path}",
+                          "data.num_workers=0", "data.max_batch_seconds=20", f"data.transcripts_as_asr={flag}")
+        registry = build_registry([])
+        examples = load_examples(cfg, registry, tmp_path, "train").examples
+        data = SpeechDataModule(cfg, StagePlan(cfg), registry, examples, [])
+        data.trainer = SimpleNamespace(global_rank=0, world_size=1)
+        drawn = [examples[i] for batch in itertools.islice(iter(data.train_dataloader().batch_sampler), 60)
+                 for i, _ in batch]
+        return examples, drawn
+
+    plain, drawn = asr_batches("false")
+    assert {e.task for e in drawn} == {"asr"} and all("/asr" not in e.id for e in drawn)
+    examples, drawn = asr_batches("true")
+    derived = [e for e in examples if e.id.endswith("/asr")]
+    by_id = {e.id: e for e in plain}
+    assert len(examples) == len(plain) + len(derived)
+    # Every spoken clip of another task, and no non-speech clip (it has no transcript).
+    assert len(derived) == sum(e.task != "asr" and bool(e.fields.get("transcript")) for e in plain)
+    assert {by_id[e.id.removesuffix("/asr")].task for e in derived} == {"kws", "kwe", "ic", "sf", "sc", "sns", "st"}
+    for e in derived:
+        source = by_id[e.id.removesuffix("/asr")]
+        assert e.task == "asr" and e.audio == source.audio and e.fields == {}
+        assert e.target == source.fields["transcript"].replace(",", "").lower()
+    spotted = [e for e in derived if by_id[e.id.removesuffix("/asr")].target in KWS_POOL]
+    assert all(by_id[e.id.removesuffix("/asr")].target in e.target.split() for e in spotted) and spotted
+    heard = {e.id for e in drawn}
+    assert heard & {e.id for e in derived} and heard & {e.id for e in plain if e.task == "asr"}
