@@ -323,17 +323,21 @@ class _AudioCache:
 
 
 def transcripts_as_asr(examples: Sequence[Example]) -> list[Example]:
-    """An ASR example for each example of another task whose row carries a `transcript` (the synthetic
-    corpus, SLURP, CoVoST and Common Voice rows do): the same clip, the transcript as ASR's target (lowercase,
-    no punctuation, as ASR answers). Alignment on ASR then covers every word the corpus speaks, not only
-    those of its ASR sentences: a keyword that only keyword-spotting clips say is otherwise never mapped to
-    its token, and the audio path drops it."""
-    return [
-        replace(e, id=f"{e.id}/asr", task="asr", target=normalize_text(e.fields["transcript"]), instruction=None,
-                fields={})
-        for e in examples
-        if e.task != "asr" and isinstance(e.fields.get("transcript"), str) and normalize_text(e.fields["transcript"])
-    ]
+    """An ASR example for each clip of another task whose row carries a `transcript` (the synthetic corpus,
+    SLURP and CoVoST rows do): the clip, the transcript as ASR's target (lowercase, no punctuation, as ASR
+    answers). Alignment on ASR then covers every word the corpus speaks, not only those of its ASR
+    sentences: a keyword that only keyword-spotting clips say is otherwise never mapped to its token, and the
+    audio path drops it. One per clip: SLURP's intent and slot rows share theirs, and a clip that already has
+    an ASR row gets none."""
+    heard = {e.audio for e in examples if e.task == "asr"}
+    derived = []
+    for e in examples:
+        transcript = e.fields.get("transcript")
+        target = normalize_text(transcript) if isinstance(transcript, str) else ""
+        if e.audio not in heard and target:
+            heard.add(e.audio)
+            derived.append(replace(e, id=f"{e.id}/asr", task="asr", target=target, instruction=None, fields={}))
+    return derived
 
 
 def write_manifest(path: str | Path, rows: list[dict]) -> None:

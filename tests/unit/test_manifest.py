@@ -230,3 +230,22 @@ def test_cli_validate_exits_0_for_a_good_manifest_and_1_for_a_missing_one(tmp_pa
     missing = run_cli("data", "validate", str(tmp_path / "nowhere.jsonl"))
     assert missing.returncode == 1
     assert missing.stderr.strip() == f"error: {tmp_path}/nowhere.jsonl: manifest not found"
+
+
+def test_transcripts_as_asr_adds_one_asr_example_per_clip_with_a_transcript():
+    from speechllm.data.manifest import Example, transcripts_as_asr
+
+    def row(id, audio, task, target, **fields):
+        return Example(id, audio, task, target, None, 1.0, fields, f"m.jsonl:{id}")
+
+    examples = [
+        row("a", "/c/1.wav", "ic", "lights_on", transcript="Turn on the lights, please!"),
+        row("b", "/c/1.wav", "sf", "device: lights", transcript="Turn on the lights, please!"),  # SLURP: same clip
+        row("c", "/c/2.wav", "asr", "hello there"),
+        row("d", "/c/2.wav", "st", "Hallo", transcript="Hello there."),  # the clip has an ASR row already
+        row("e", "/c/3.wav", "sns", "noise"),  # nothing spoken
+        row("f", "/c/4.wav", "kws", "up", transcript=" ,  ", labels=["up"]),  # nothing left to transcribe
+    ]
+    derived = transcripts_as_asr(examples)
+    assert [(e.id, e.audio, e.task, e.target, e.instruction, e.fields) for e in derived] == [
+        ("a/asr", "/c/1.wav", "asr", "turn on the lights please", None, {})]
