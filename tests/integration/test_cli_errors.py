@@ -75,7 +75,7 @@ def test_bad_manifest_rows_stop_training_naming_manifest_and_line(corpus, tmp_pa
     assert [line.split(": ")[0] for line in listed] == [f"{manifest}:{n}" for n in (4, 5, 6)]
     hparams = yaml.safe_load((tmp_path / "runs" / "bad" / "logs" / "hparams.yaml").read_text())
     assert hparams["data_stats"]["train"] | {"hours": None} == {
-        "examples": 3, "skipped": 3, "hours": None, "stereo_mixed_down": 0, "resampled": 0}
+        "examples": 3, "skipped": 3, "transcripts_as_asr": 0, "hours": None, "stereo_mixed_down": 0, "resampled": 0}
 
 
 def test_missing_init_from_fails_fast(tmp_path):
