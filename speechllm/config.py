@@ -112,9 +112,9 @@ class DataConfig:
     max_duration: float = 30.0
     """Examples longer than this (seconds) are bad rows."""
     transcripts_as_asr: bool = False
-    """Every training row of another task that carries a `transcript` field is also an ASR example (its
-    clip, the transcript as target): ASR, and so stage 1's alignment, then covers the words that only the
-    other tasks' clips say (README, "Transcripts as ASR examples")."""
+    """Each training clip of another task whose row carries a `transcript` field is also an ASR example (the
+    transcript, lowercase without punctuation, as target): ASR, and so stage 1's alignment, then covers the
+    words that only the other tasks' clips say (README, "Transcripts as ASR examples")."""
     num_buckets: int = 10
     num_workers: int = 2
     on_bad_example: str = "error"
