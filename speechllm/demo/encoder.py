@@ -24,6 +24,7 @@ from pathlib import Path
 
 import soundfile as sf
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
 
 from speechllm.atomic import atomic_write_text
@@ -126,13 +127,8 @@ def collate(clips: list[Clip]):
         w = c.wave
         wave[i, : len(w)] = (w - w.mean()) / (w.std() + 1e-7)
         mask[i, : len(w)] = 1
-    width = max(len(c.labels) for c in clips)
-    labels = torch.full((len(clips), width), -100)
-    for i, c in enumerate(clips):
-        labels[i, : len(c.labels)] = torch.tensor(c.labels)
-    pitch = torch.full((len(clips), max(len(c.pitch) for c in clips)), float("nan"))
-    for i, c in enumerate(clips):
-        pitch[i, : len(c.pitch)] = c.pitch
+    labels = pad_sequence([torch.tensor(c.labels, dtype=torch.long) for c in clips], batch_first=True, padding_value=-100)
+    pitch = pad_sequence([c.pitch for c in clips], batch_first=True, padding_value=float("nan"))
     return wave, mask, labels, pitch
 
 
