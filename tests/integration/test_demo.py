@@ -22,7 +22,7 @@ from speechllm.model.speech_llm import SpeechLLM
 TOKEN_SIZE = DemoSize(train_per_task=16, asr_train_clips=20, eval_per_task=6, encoder_steps=4,
                       encoder_batch_seconds=12.0, lm_steps=4, lm_examples_per_task=40, stand_in_workers=2,
                       stage1_steps=3, stage1_batch_seconds=30.0, warmup_steps=2, multitask_steps=2,
-                      val_check_interval=3, transcripts_as_asr=True)
+                      val_check_interval=3, transcripts_as_asr=False)
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +53,10 @@ def test_the_demo_writes_one_row_per_task_with_every_comparison(demo):
              for run, name in (("stage2", "test-both"), ("ablation", "test-both"), ("untrained", "test-seen"))}
     assert steps == {"stage2": 4, "ablation": 7, "untrained": 1}
     assert load_run_config(pipeline.root / "stage2").init_from == str(pipeline.root / "stage1")
-    # Every run's ASR also trains on the IC clips' transcripts, as the size asks.
-    assert all(load_run_config(pipeline.root / run).data.transcripts_as_asr for run in ("stage1", "stage2", "ablation"))
+    # The size decides whether ASR also trains on the other clips' transcripts, over the demo preset's `true`
+    # (the reduced demo in CI turns it off this way).
+    assert not any(load_run_config(pipeline.root / run).data.transcripts_as_asr
+                   for run in ("untrained", "stage1", "stage2", "ablation"))
     # Both multitask runs keep the stage files' mix (ASR weighted 3) and give the tasks left out weight 0.
     for run in ("stage2", "ablation"):
         mix = dict(load_run_config(pipeline.root / run).phases[1].tasks)
