@@ -77,6 +77,10 @@ class LLMConfig:
     gradient_checkpointing: bool = False
     """Recompute each LLM layer's activations during the backward pass instead of keeping them (HF activation
     checkpointing, non-reentrant): much less activation memory for about a third more LLM compute."""
+    loss_chunk_tokens: int = 0
+    """Decoder-only: run the LM head and the loss over at most this many target tokens at a time and recompute
+    each chunk's logits in the backward pass, so that a step never holds the (target tokens x vocabulary)
+    logits, their fp32 copy and gradient (GiBs at a 150k vocabulary); 0 computes them all at once."""
 
 
 @dataclass
@@ -325,6 +329,10 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"eval.wer_normalize: '{step}' is not one of {', '.join(WER_NORMALIZATION_STEPS)}, none")
     if cfg.eval.generate_every_n_validations < 1 or cfg.eval.examples_table < 0:
         raise ConfigError("eval.generate_every_n_validations must be >= 1 and eval.examples_table >= 0")
+    if cfg.model.llm.loss_chunk_tokens < 0:
+        raise ConfigError(f"model.llm.loss_chunk_tokens: {cfg.model.llm.loss_chunk_tokens} must be 0 (off) or more")
+    if cfg.model.llm.loss_chunk_tokens and cfg.model.llm.kind == "seq2seq":
+        raise ConfigError("model.llm.loss_chunk_tokens: decoder-only LLMs only (kind: causal); set it to 0 for seq2seq")
     if cfg.model.llm.pretrained is None and "model_type" not in cfg.model.llm.architecture:
         raise ConfigError("model.llm: set `pretrained` (hub name or local path) or `architecture.model_type`")
     if cfg.trainer.max_steps == 0 or cfg.trainer.max_steps < -1:

@@ -245,7 +245,7 @@ def activation_bytes(model, model_cfg, trained: list[str], workload: Workload, s
         "encoder_hidden_states": batch * encoder_hidden,
         "adapter": batch * _adapter_bytes(model, sequence, a),
         "llm_layers": batch * llm,
-        "logits": batch * _logits_bytes(model, sequence, a),
+        "logits": _logits_bytes(model, model_cfg, workload, a),
     }
     # The encoder runs (no autograd) before anything else is saved; its stacked hidden states then stay for
     # the layer weights' backward while the rest of the forward saves its tensors.
@@ -287,6 +287,9 @@ def assumptions(model, model_cfg, workload: Workload) -> list[str]:
            else "(no position x position scores saved, except T5's position bias)"),
         "encoder: no autograd, one layer at a time"
         + (" (eager attention: bias, gated bias, scores, probabilities, heads x frames^2 each)" if eager_encoder else ""),
+        "logits + loss: at the target positions (+ eos) only, "
+        + (f"{chunk} at a time (model.llm.loss_chunk_tokens)" if (chunk := model_cfg.llm.get("loss_chunk_tokens", 0))
+           else "all at once (model.llm.loss_chunk_tokens=N: N at a time)"),
         "activation peak: the encoder forward or the other activation rows together, whichever is larger",
         "gradient checkpointing: " + ("on, each LLM block keeps only its input" if workload.gradient_checkpointing
                                       else "off (--gradient-checkpointing: each LLM block keeps only its input)"),
@@ -327,11 +330,16 @@ def _adapter_bytes(model, sequence, a) -> int:
     return (total + int(frames) * (width + model.projection.out_features)) * a
 
 
-def _logits_bytes(model, sequence, a) -> int:
-    """Logits in the compute dtype, their fp32 copy for the loss and the saved fp32 log-softmax."""
-    positions = sequence.get("llm_decoder_positions") or sequence["llm_positions"]
+def _logits_bytes(model, model_cfg, workload: Workload, a) -> int:
+    """Logits in the compute dtype, their fp32 copy for the loss and the saved fp32 log-softmax, for the target
+    positions (+ eos) alone: decoder-only LLMs compute none over audio and prompt. With
+    model.llm.loss_chunk_tokens, those of one chunk (computed in the loss, and again in its backward pass)."""
+    rows = workload.batch_size * (workload.target_tokens + 1)
+    chunk = model_cfg.llm.get("loss_chunk_tokens", 0)
+    if chunk:
+        rows = min(rows, chunk)
     vocab = model.llm.get_output_embeddings().out_features
-    return positions * vocab * (a + (4 if a < 4 else 0) + 4)
+    return rows * vocab * (a + (4 if a < 4 else 0) + 4)
 
 
 def _llm_stacks(model, model_cfg, trained, sequence, a) -> list[tuple[int, int, int]]:

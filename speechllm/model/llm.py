@@ -60,6 +60,27 @@ def decoder_layers(llm: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names or isinstance(m, GradientCheckpointingLayer)]
 
 
+# Config fields of causal LMs that change the logits after the LM head (Gemma 2/3, Cohere, Granite): a loss that
+# applies the head itself (model.llm.loss_chunk_tokens) would leave them out.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def body_and_head(llm: nn.Module) -> tuple[nn.Module, nn.Linear]:
+    """A decoder-only LLM's transformer body (embeddings to final norm, returning `last_hidden_state`) and its LM
+    head, LoRA included: for a loss that applies the head itself."""
+    model = llm.get_base_model() if isinstance(llm, PeftModel) else llm
+    return model.base_model, model.get_output_embeddings()
+
+
+def check_logits_are_head_output(llm: PreTrainedModel) -> None:
+    """The chunked loss applies the LM head itself: refuse models whose forward changes the logits after it."""
+    for name in _LOGIT_TRANSFORMS:
+        value = getattr(llm.config, name, None)
+        if value not in (None, 1, 1.0):
+            raise ConfigError(f"model.llm.loss_chunk_tokens: {type(llm).__name__} transforms its logits after the "
+                              f"LM head ({name}={value}), which the chunked loss would leave out; set it to 0")
+
+
 def _untie_output_embeddings(model: PreTrainedModel) -> None:
     """Give the LM head its own weights where transformers tied them although the architecture says untied
     (T5 in transformers 5 always ties): a model built from config then has the parameters of the checkpoint."""

@@ -8,13 +8,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
 
 from speechllm.config import ModelConfig
 from speechllm.model.downsampler import ConvDownsampler
 from speechllm.model import export
 from speechllm.model.encoder import AudioEncoder
 from speechllm.model.layer_weights import LayerWeightedSum
-from speechllm.model.llm import add_lora, build_llm, build_tokenizer, check_vocabulary
+from speechllm.model.llm import (
+    add_lora, body_and_head, build_llm, build_tokenizer, check_logits_are_head_output, check_vocabulary,
+)
 from speechllm.model.projection import AudioProjection
 from speechllm.model.parts import trainable_groups
 
@@ -55,6 +58,8 @@ class SpeechLLM(nn.Module):
         self.tokenizer = build_tokenizer(cfg.llm)
         llm = build_llm(cfg.llm)
         check_vocabulary(llm, self.tokenizer)
+        if cfg.llm.loss_chunk_tokens:
+            check_logits_are_head_output(llm)
         self.projection = AudioProjection(d.channels, llm.get_input_embeddings().weight.detach())
         self.llm = add_lora(llm, cfg.lora) if cfg.lora.rank > 0 else llm
 
@@ -101,7 +106,11 @@ class SpeechLLM(nn.Module):
         feature_mask (B, F)) with wave and wave_mask None."""
         audio, audio_mask = self._embed_audio(wave, wave_mask, features, feature_mask)
         inputs = self.build_inputs(audio, audio_mask, instructions, targets)
+        chunk = self.cfg.llm.loss_chunk_tokens
         with sdpa_kernel(LLM_SDPA_BACKENDS):
+            if chunk and not self.is_seq2seq:
+                hidden, labels = self._answer_hidden_states(inputs)
+                return _chunked_target_cross_entropy(hidden, body_and_head(self.llm)[1], labels, chunk)
             logits, labels = self._llm_logits(inputs)
         return _target_cross_entropy(logits, labels)
 
@@ -119,7 +128,7 @@ class SpeechLLM(nn.Module):
         else:
             # Rows are left-padded, so every target sits in the last `answer` positions: the LM head (and the
             # fp32 loss) runs only there, not over audio and prompt (B x S x vocab logits at a 150k vocab).
-            answer = int((inputs.labels != IGNORE_INDEX).sum(-1).max())
+            answer = _answer_length(inputs.labels)
             logits = self.llm(
                 inputs_embeds=inputs.inputs_embeds,
                 attention_mask=inputs.attention_mask,
@@ -129,6 +138,18 @@ class SpeechLLM(nn.Module):
             ).logits[:, :-1]
             labels = inputs.labels[:, -answer:]  # token t is predicted from positions < t
         return logits, labels
+
+    def _answer_hidden_states(self, inputs: LLMInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoder-only: the LLM body's final hidden states at the positions that predict the targets (B, T, H)
+        and their labels (B, T), as `_llm_logits` has them before the LM head."""
+        answer = _answer_length(inputs.labels)
+        hidden = body_and_head(self.llm)[0](
+            inputs_embeds=inputs.inputs_embeds,
+            attention_mask=inputs.attention_mask,
+            position_ids=inputs.position_ids,
+            use_cache=False,
+        ).last_hidden_state
+        return hidden[:, -answer - 1:-1], inputs.labels[:, -answer:]
 
     @torch.no_grad()
     def generate(
@@ -231,12 +252,43 @@ def _pad_ids(rows: list[list[int]], length: int, fill: int, left: bool, device) 
     return torch.tensor(padded, dtype=torch.long, device=device)
 
 
+def _answer_length(labels: torch.Tensor) -> int:
+    """The longest answer of a left-padded decoder-only batch (one device sync)."""
+    return int((labels != IGNORE_INDEX).sum(-1).max())
+
+
 def _target_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> SpeechLLMOutput:
     # (tokens, vocab) rows, not (B, vocab, T): with the class dimension in the middle CUDA takes its spatial
     # softmax kernels, 69% of the GPU time of a Qwen2-0.5B stage-1 step on an H100 (BENCHMARKS.md).
     token_losses = nn.functional.cross_entropy(
         logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
     ).view_as(labels)
+    return _reduced(token_losses, labels)
+
+
+def _chunked_target_cross_entropy(
+    hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk: int
+) -> SpeechLLMOutput:
+    """`_target_cross_entropy(head(hidden), labels)` with the logits of at most `chunk` target tokens alive at a
+    time: each chunk's logits are reduced to token losses and dropped, and recomputed in the backward pass (one
+    more LM-head forward). Padding positions of shorter answers get no logits at all."""
+    flat_labels = labels.flatten()
+    rows = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
+    states, targets = hidden.flatten(0, 1).index_select(0, rows), flat_labels.index_select(0, rows)
+    losses = torch.cat([
+        checkpoint(_head_cross_entropy, head, states[i:i + chunk], targets[i:i + chunk], use_reentrant=False)
+        for i in range(0, len(rows), chunk)
+    ])
+    token_losses = losses.new_zeros(flat_labels.shape).index_copy(0, rows, losses).view_as(labels)
+    return _reduced(token_losses, labels)
+
+
+def _head_cross_entropy(head: nn.Module, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(head(states).float(), targets, reduction="none")
+
+
+def _reduced(token_losses: torch.Tensor, labels: torch.Tensor) -> SpeechLLMOutput:
+    """Token losses (B, T), zero outside the targets -> the batch's and each example's mean over target tokens."""
     counts = (labels != IGNORE_INDEX).sum(-1)
     sums = token_losses.sum(-1)
     return SpeechLLMOutput(

@@ -23,6 +23,7 @@ META_KEY = "speechllm"
 # Model settings that change no tensor shape or meaning: a checkpoint may differ in these.
 _COMPATIBLE_KEYS = {
     "lora.dropout", "llm.prompt_prefix", "llm.answer_prefix", "llm.attn_implementation", "llm.gradient_checkpointing",
+    "llm.loss_chunk_tokens",
 }
 
 

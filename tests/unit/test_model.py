@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from speechllm.config import ConfigError
 from speechllm.model.downsampler import ConvDownsampler
 from speechllm.model.speech_llm import IGNORE_INDEX, SpeechLLM
 from tests.conftest import tiny_config
@@ -134,6 +135,46 @@ def test_loss_reaches_only_target_tokens(model):
     assert (predicting[target_positions] > 0).all()
     assert (predicting[~target_positions] == 0).all()
     assert int((labels != IGNORE_INDEX).sum()) == len("abc") + 1 + len("de") + 1  # byte tokens + eos each
+
+
+def test_chunked_loss_equals_the_whole_loss_without_keeping_any_logits():
+    """model.llm.loss_chunk_tokens: the same loss, per-example losses and gradients, while autograd keeps no
+    (tokens x vocabulary) tensor for the backward pass; chunks of 3 over 12 + 4 + 19 target tokens leave a
+    ragged last chunk."""
+    _, wave, mask = _padded_batch(LENGTHS)
+    instructions = ["transcribe the audio", "what is said?", "write it down"]
+    targets = ["hello world", "yes", "turn on the lights"]
+    results = []
+    for chunk in (0, 3):
+        torch.manual_seed(0)
+        model = SpeechLLM(tiny_config("tiny", f"model.llm.loss_chunk_tokens={chunk}").model).eval()
+        vocab = model.llm.get_output_embeddings().out_features
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.shape) or t, lambda t: t):
+            out = model(wave, mask, instructions, targets)
+        out.loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        results.append((out, grads, [shape for shape in kept if shape[-1:] == (vocab,)]))
+    (whole, whole_grads, whole_logits), (chunked, chunked_grads, chunked_logits) = results
+    torch.testing.assert_close(chunked.loss, whole.loss)
+    torch.testing.assert_close(chunked.example_losses, whole.example_losses)
+    assert chunked.target_tokens.tolist() == whole.target_tokens.tolist() == [12, 4, 19]
+    assert whole_grads.keys() == chunked_grads.keys() and any(n.endswith("lora_A.default.weight") for n in whole_grads)
+    for name, grad in whole_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, msg=name)
+    assert whole_logits and not chunked_logits  # the whole loss keeps (3 x 19, vocab) fp32 rows; chunks keep none
+
+
+def test_chunked_loss_refuses_what_it_cannot_compute():
+    with pytest.raises(ConfigError, match="loss_chunk_tokens: decoder-only LLMs only"):
+        tiny_config("tiny_t5", "model.llm.loss_chunk_tokens=8")
+    with pytest.raises(ConfigError, match="loss_chunk_tokens: -1 must be 0"):
+        tiny_config("tiny", "model.llm.loss_chunk_tokens=-1")
+    # Gemma 2 soft-caps its logits after the LM head, which a loss applying the head itself would skip.
+    gemma = tiny_config("tiny", "model.llm.loss_chunk_tokens=8", "model.llm.architecture.model_type=gemma2",
+                        "model.llm.architecture.head_dim=24", "model.llm.attn_implementation=eager")
+    with pytest.raises(ConfigError, match=r"Gemma2ForCausalLM transforms its logits .*final_logit_softcapping=30"):
+        SpeechLLM(gemma.model)
 
 
 def test_instruction_text_never_appears_in_labels(model):
