@@ -2,10 +2,12 @@
 
 Counted on the useful work only: valid audio seconds and valid LLM positions (padding is not credited).
 
-- LLM, per valid position, for every linear layer with P weights (the LM head included, LoRA included,
-  embeddings looked up, not multiplied): 2P forward + 2P for the gradient of its input (needed whenever
-  anything before the LLM trains: the audio path does in every stage) + 2P for the weight gradient if
-  the weights train. A frozen LLM thus costs 4P per position, a trained one the usual 6P. Attention adds
+- LLM, per valid position, for every linear layer with P weights (LoRA included, embeddings looked up, not
+  multiplied): 2P forward + 2P for the gradient of its input (needed whenever anything before the LLM
+  trains: the audio path does in every stage) + 2P for the weight gradient if the weights train. A frozen
+  LLM thus costs 4P per position, a trained one the usual 6P. The LM head counts the same, per target
+  token: the only positions whose logits the loss needs (decoder-only steps compute no others; the chunked
+  loss's recomputed logits are not credited, as no recomputation is). Attention adds
   4·L·d·S² per sequence of S positions forward (scores and values over every layer, d = heads x head
   width, causal masking not discounted, as in PaLM's MFU) and twice that backward.
 - Encoder (frozen, forward only) and the weighted sum + downsampler + projection (forward and backward,
@@ -22,6 +24,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from speechllm.model.encoder import ENCODER_FRAMES_PER_SECOND
+from speechllm.model.llm import body_and_head
 from speechllm.model.speech_llm import SpeechLLM
 
 # Dense bf16 tensor-core peak (no sparsity), TFLOP/s, from the vendor data sheets; the first match wins.
@@ -55,28 +58,33 @@ def peak_bf16_tflops(device_name: str) -> float | None:
 class FlopModel:
     """Per-step model FLOPs from what the step processed."""
 
-    llm_per_token: float  # linear layers, forward + backward
+    llm_per_token: float  # linear layers but the LM head, forward + backward
+    head_per_target: float  # the LM head, forward + backward
     llm_attention_per_token_squared: float  # forward + backward, times S² per sequence
     audio_per_second: float  # encoder forward + audio path forward/backward
 
-    def step_flops(self, audio_seconds: float, llm_tokens: int, llm_tokens_squared: int) -> float:
+    def step_flops(self, audio_seconds: float, llm_tokens: int, llm_tokens_squared: int, target_tokens: int) -> float:
         return (self.llm_per_token * llm_tokens + self.llm_attention_per_token_squared * llm_tokens_squared
-                + self.audio_per_second * audio_seconds)
+                + self.head_per_target * target_tokens + self.audio_per_second * audio_seconds)
 
 
 def flop_model(model: SpeechLLM) -> FlopModel:
-    forward = backward = 0.0
-    for name, module in model.llm.named_modules():
+    head = body_and_head(model.llm)[1]
+    per_token = per_target = 0.0
+    for module in model.llm.modules():
         if isinstance(module, nn.Linear):
             weights = module.weight.numel()
-            forward += 2 * weights
-            backward += 2 * weights + (2 * weights if module.weight.requires_grad else 0)
+            flops = 2 * weights + 2 * weights + (2 * weights if module.weight.requires_grad else 0)
+            if module is head:
+                per_target += flops
+            else:
+                per_token += flops
     config = _llm_config(model)
     layers = config.num_hidden_layers if hasattr(config, "num_hidden_layers") else config.num_layers
     heads = getattr(config, "num_attention_heads", None) or config.num_heads
     head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or config.hidden_size // heads
     attention = 4 * layers * heads * head_dim
-    return FlopModel(forward + backward, 3 * attention, audio_flops_per_second(model))
+    return FlopModel(per_token, per_target, 3 * attention, audio_flops_per_second(model))
 
 
 def audio_flops_per_second(model: SpeechLLM) -> float:

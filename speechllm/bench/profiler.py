@@ -22,6 +22,7 @@ import torch
 
 from speechllm.data.dataset import Batch
 from speechllm.model.encoder import ENCODER_FRAMES_PER_SECOND
+from speechllm.model.llm import body_and_head
 from speechllm.model.speech_llm import SpeechLLM
 
 # Named parts of a step, in step order; `framework` is the remainder.
@@ -46,6 +47,7 @@ class StepRecord:
     audio_seconds: float = 0.0  # valid (unpadded) audio
     llm_tokens: int = 0  # valid LLM positions (audio embeddings + text)
     llm_tokens_squared: int = 0  # sum over sequences of length², for attention FLOPs
+    target_tokens: int = 0  # the answers' tokens: the positions the LM head and the loss are for
     rss_bytes: int | None = None
 
     def close(self, period: float) -> None:
@@ -70,8 +72,9 @@ class StepProfiler:
             model.encoder.register_forward_hook(lambda *_: self.stop("encoder")),
             model.layer_weights.register_forward_pre_hook(lambda *_: self.start("adapter")),
             model.projection.register_forward_hook(lambda *_: self._after_adapter()),
-            model.llm.register_forward_pre_hook(self._llm_inputs, with_kwargs=True),
-            model.register_forward_hook(lambda *_: self.stop("llm")),
+            # The body, not the whole LLM: the chunked loss runs the body and applies the LM head itself.
+            body_and_head(model.llm)[0].register_forward_pre_hook(self._llm_inputs, with_kwargs=True),
+            model.register_forward_hook(self._after_model),
         ]
 
     def remove(self) -> None:
@@ -146,6 +149,11 @@ class StepProfiler:
     def _after_adapter(self) -> None:
         self.stop("adapter")
         self.start("llm")  # input assembly, the LLM and the loss, up to the end of the model's forward
+
+    def _after_model(self, module, args, output) -> None:
+        self.stop("llm")
+        if self.current is not None:
+            self.current.target_tokens += int(output.target_tokens.sum())
 
     def _llm_inputs(self, module, args, kwargs) -> None:
         mask = kwargs.get("attention_mask")

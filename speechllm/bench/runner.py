@@ -320,7 +320,8 @@ def _loader_result(rate: float, steps: list[StepRecord], cached_rate: float, cac
 
 def _throughput(steps: list[StepRecord], flops, device: torch.device, peak_tflops: float | None) -> dict:
     wall = sum(s.period for s in steps)
-    model_flops = sum(flops.step_flops(s.audio_seconds, s.llm_tokens, s.llm_tokens_squared) for s in steps)
+    model_flops = sum(flops.step_flops(s.audio_seconds, s.llm_tokens, s.llm_tokens_squared, s.target_tokens)
+                      for s in steps)
     if peak_tflops is None and device.type == "cuda":
         peak_tflops = peak_bf16_tflops(torch.cuda.get_device_name(device))
     achieved = model_flops / wall / 1e12

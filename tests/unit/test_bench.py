@@ -14,12 +14,14 @@ import pytest
 import torch
 
 from speechllm.bench import BenchError, BenchSettings, run_bench
-from speechllm.bench.flops import peak_bf16_tflops
+from speechllm.bench.flops import flop_model, peak_bf16_tflops
 from speechllm.bench.padding import padding_ratios
-from speechllm.bench.profiler import PARTS
+from speechllm.bench.profiler import PARTS, StepProfiler
 from speechllm.bench.report import markdown, write_results
 from speechllm.cli import main
+from speechllm.model.speech_llm import SpeechLLM
 from speechllm.training.datamodule import SpeechDataModule
+from tests.conftest import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +85,29 @@ def test_markdown_report_names_every_target(results):
                    "LLM forward + backward", "data wait"):
         assert needle in text
     assert text.count(": met") + text.count(": MISSED") == 4
+
+
+@pytest.mark.parametrize("chunk", [0, 4])
+def test_a_step_counts_llm_positions_and_targets_whichever_loss_runs(chunk):
+    """Throughput and model FLOPs come from these counts; the chunked loss (model.llm.loss_chunk_tokens) runs the
+    LLM's body and its LM head separately, and the counts must not change with it."""
+    torch.manual_seed(0)
+    model = SpeechLLM(tiny_config("tiny", f"model.llm.loss_chunk_tokens={chunk}").model)
+    wave, mask = torch.randn(2, 16000) * 0.1, torch.ones(2, 16000, dtype=torch.bool)
+    mask[1, 7000:] = False
+    instructions, targets = ["say it", "say it again"], ["abc", "de"]
+    profiler = StepProfiler(model)
+    profiler.begin()
+    model(wave, mask, instructions, targets)
+    profiler.end()
+    step = profiler.steps[0]
+    with torch.no_grad():
+        lengths = model.build_inputs(*model.encode_audio(wave, mask), instructions, targets).attention_mask.sum(-1)
+    assert (step.llm_tokens, step.llm_tokens_squared) == (int(lengths.sum()), int((lengths ** 2).sum()))
+    assert step.target_tokens == len("abc") + 1 + len("de") + 1  # byte tokens + eos each
+    # The frozen LM head (384 x 96) is credited per target token only: forward + its input's gradient.
+    flops = flop_model(model)
+    assert flops.head_per_target == 4 * 384 * 96 and 0 < flops.llm_per_token
 
 
 def test_bucketing_pads_less_than_random_batches_with_the_same_budget():
