@@ -93,10 +93,12 @@ def launch(corpus: Path, tmp_path: Path, strategy: str, *extra: str) -> tuple[li
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo")
 def test_fsdp_trains_like_ddp_across_the_lora_phase_switch_and_resumes_from_its_checkpoint(corpus, tmp_path):
     _, (ddp_weights, _), _ = launch(corpus, tmp_path, "ddp")
-    # FSDP: stopped at step 4 (in the LoRA phase), then the same command resumes to step 6.
-    launch(corpus, tmp_path, "fsdp", "trainer.max_steps=4")
+    # FSDP: stopped at step 4 (in the LoRA phase), then the same command resumes to step 6. With the chunked
+    # loss, whose LM head (in FSDP's root unit) runs outside the LLM's forward and again in the backward pass.
+    chunked = "model.llm.loss_chunk_tokens=16"
+    launch(corpus, tmp_path, "fsdp", chunked, "trainer.max_steps=4")
     stopped = load_ckpt(tmp_path / "runs" / "fsdp" / "checkpoints" / "last.ckpt")
-    reports, weights, output = launch(corpus, tmp_path, "fsdp")
+    reports, weights, output = launch(corpus, tmp_path, "fsdp", chunked)
     assert "phase 'lora' at step 4 " in output, "did not resume from the step-4 checkpoint"
     assert [r["world_size"] for r in reports] == [2, 2]
 
