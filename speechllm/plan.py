@@ -275,6 +275,7 @@ def state_bytes(model: nn.Module, trained: list[str], workload: Workload, sharde
 def assumptions(model, model_cfg, workload: Workload) -> list[str]:
     b = Bytes.of(workload.precision)
     attention = model_cfg.llm.get("attn_implementation", "sdpa")
+    chunk = model_cfg.llm.get("loss_chunk_tokens", 0)
     eager_encoder = model.encoder.model.config._attn_implementation == "eager"
     return [
         f"{workload.precision}: frozen weights {b.frozen} B/parameter; trained ones {b.trainable} B + gradients "
@@ -288,7 +289,7 @@ def assumptions(model, model_cfg, workload: Workload) -> list[str]:
         "encoder: no autograd, one layer at a time"
         + (" (eager attention: bias, gated bias, scores, probabilities, heads x frames^2 each)" if eager_encoder else ""),
         "logits + loss: at the target positions (+ eos) only, "
-        + (f"{chunk} at a time (model.llm.loss_chunk_tokens)" if (chunk := model_cfg.llm.get("loss_chunk_tokens", 0))
+        + (f"{chunk} at a time (model.llm.loss_chunk_tokens)" if chunk
            else "all at once (model.llm.loss_chunk_tokens=N: N at a time)"),
         "activation peak: the encoder forward or the other activation rows together, whichever is larger",
         "gradient checkpointing: " + ("on, each LLM block keeps only its input" if workload.gradient_checkpointing

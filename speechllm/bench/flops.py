@@ -74,7 +74,7 @@ def flop_model(model: SpeechLLM) -> FlopModel:
     for module in model.llm.modules():
         if isinstance(module, nn.Linear):
             weights = module.weight.numel()
-            flops = 2 * weights + 2 * weights + (2 * weights if module.weight.requires_grad else 0)
+            flops = 4 * weights + (2 * weights if module.weight.requires_grad else 0)  # forward + input gradient
             if module is head:
                 per_target += flops
             else:
