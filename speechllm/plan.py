@@ -345,7 +345,9 @@ def _logits_bytes(model, model_cfg, workload: Workload, a) -> int:
 
 def _llm_stacks(model, model_cfg, trained, sequence, a) -> list[tuple[int, int, int]]:
     """(layers, saved bytes per layer, layer input bytes) per stack of blocks, per example, LoRA included."""
-    config = _base(model.llm).config
+    from speechllm.model.llm import base_llm
+
+    config = base_llm(model.llm).config
     lora = _lora_bytes_per_stack(model, sequence, a) if "lora" in trained else {}
     eager = model_cfg.llm.get("attn_implementation", "sdpa") == "eager"
     if model.is_seq2seq:
@@ -462,12 +464,6 @@ def _unique_parameters(module: nn.Module):
 
 def _numel(params) -> int:
     return sum(p.numel() for p in params)
-
-
-def _base(llm: nn.Module) -> nn.Module:
-    from peft import PeftModel
-
-    return llm.get_base_model() if isinstance(llm, PeftModel) else llm
 
 
 # --- output ---

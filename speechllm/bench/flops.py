@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from speechllm.model.encoder import ENCODER_FRAMES_PER_SECOND
-from speechllm.model.llm import body_and_head
+from speechllm.model.llm import base_llm, body_and_head
 from speechllm.model.speech_llm import SpeechLLM
 
 # Dense bf16 tensor-core peak (no sparsity), TFLOP/s, from the vendor data sheets; the first match wins.
@@ -79,7 +79,7 @@ def flop_model(model: SpeechLLM) -> FlopModel:
                 per_target += flops
             else:
                 per_token += flops
-    config = _llm_config(model)
+    config = base_llm(model.llm).config
     layers = config.num_hidden_layers if hasattr(config, "num_hidden_layers") else config.num_layers
     heads = getattr(config, "num_attention_heads", None) or config.num_heads
     head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or config.hidden_size // heads
@@ -104,7 +104,3 @@ def audio_flops_per_second(model: SpeechLLM) -> float:
         model.encode_features(hidden, frame_mask)
     return (encoder_flops + 3 * counter.get_total_flops()) / _PROBE_SECONDS
 
-
-def _llm_config(model: SpeechLLM):
-    llm = model.llm.get_base_model() if hasattr(model.llm, "get_base_model") else model.llm
-    return llm.config

@@ -55,7 +55,7 @@ def decoder_layers(llm: nn.Module) -> list[nn.Module]:
     """The LLM's repeated transformer blocks (Qwen2DecoderLayer, LlamaDecoderLayer, T5Block, ...): the units
     FSDP shards and `trainer.compile` compiles. HF names them in `_no_split_modules`; its layers also derive
     from GradientCheckpointingLayer."""
-    model = llm.get_base_model() if isinstance(llm, PeftModel) else llm
+    model = base_llm(llm)
     names = set(getattr(model, "_no_split_modules", None) or ())
     return [m for m in model.modules() if type(m).__name__ in names or isinstance(m, GradientCheckpointingLayer)]
 
@@ -65,10 +65,15 @@ def decoder_layers(llm: nn.Module) -> list[nn.Module]:
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
+def base_llm(llm: nn.Module) -> PreTrainedModel:
+    """The HF model itself, whether or not peft wrapped it for LoRA (the adapters live inside its layers)."""
+    return llm.get_base_model() if isinstance(llm, PeftModel) else llm
+
+
 def body_and_head(llm: nn.Module) -> tuple[nn.Module, nn.Linear]:
     """A decoder-only LLM's transformer body (embeddings to final norm, returning `last_hidden_state`) and its LM
     head, LoRA included: for a loss that applies the head itself."""
-    model = llm.get_base_model() if isinstance(llm, PeftModel) else llm
+    model = base_llm(llm)
     return model.base_model, model.get_output_embeddings()
 
 
