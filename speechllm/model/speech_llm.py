@@ -109,8 +109,9 @@ class SpeechLLM(nn.Module):
         chunk = self.cfg.llm.loss_chunk_tokens
         with sdpa_kernel(LLM_SDPA_BACKENDS):
             if chunk and not self.is_seq2seq:
-                hidden, labels = self._answer_hidden_states(inputs)
-                return _chunked_target_cross_entropy(hidden, body_and_head(self.llm)[1], labels, chunk)
+                body, head = body_and_head(self.llm)
+                hidden, labels = self._answer_hidden_states(body, inputs)
+                return _chunked_target_cross_entropy(hidden, head, labels, chunk)
             logits, labels = self._llm_logits(inputs)
         return _target_cross_entropy(logits, labels)
 
@@ -139,11 +140,11 @@ class SpeechLLM(nn.Module):
             labels = inputs.labels[:, -answer:]  # token t is predicted from positions < t
         return logits, labels
 
-    def _answer_hidden_states(self, inputs: LLMInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    def _answer_hidden_states(self, body: nn.Module, inputs: LLMInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoder-only: the LLM body's final hidden states at the positions that predict the targets (B, T, H)
         and their labels (B, T), as `_llm_logits` has them before the LM head."""
         answer = _answer_length(inputs.labels)
-        hidden = body_and_head(self.llm)[0](
+        hidden = body(
             inputs_embeds=inputs.inputs_embeds,
             attention_mask=inputs.attention_mask,
             position_ids=inputs.position_ids,
