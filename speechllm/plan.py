@@ -395,12 +395,16 @@ def _lora_bytes_per_stack(model, sequence, a) -> dict[str, int]:
     and A's output for B (an upper bound when adapters share an input without dropout)."""
     totals, layers = {}, {}
     for name, module, r, dropout in _lora_layers(model):
-        stack = "encoder" if model.is_seq2seq and ".encoder." in f".{name}" else "decoder"
+        stack = _lora_stack(model, name)
         positions = _lora_positions(model, name, stack, sequence)
         saved = positions * ((module.in_features + r) * a + (module.in_features if dropout else 0))
         totals[stack] = totals.get(stack, 0) + saved
         layers.setdefault(stack, set()).add(_layer_index(name))
     return {stack: total // max(len(layers[stack]), 1) for stack, total in totals.items()}
+
+
+def _lora_stack(model, name) -> str:
+    return "encoder" if model.is_seq2seq and ".encoder." in f".{name}" else "decoder"
 
 
 def _lora_positions(model, name, stack, sequence) -> int:

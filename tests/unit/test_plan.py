@@ -17,8 +17,8 @@ from speechllm import cli
 from speechllm.config import ConfigError, load_config
 from speechllm.model.speech_llm import SpeechLLM
 from speechllm.plan import (
-    Workload, _lora_layers, _lora_positions, activation_bytes, build_on_meta, lora_parameters_expected, make_plan,
-    sequence_lengths,
+    Workload, _lora_layers, _lora_positions, _lora_stack, activation_bytes, build_on_meta, lora_parameters_expected,
+    make_plan, sequence_lengths,
 )
 from tests.conftest import REPO, speechllm_command
 
@@ -214,17 +214,18 @@ def test_a_training_forward_saves_what_the_plan_estimates(preset, small):
         prompt = sum(len(model._token_ids(text)) for text in texts)
     workload = Workload(batch_size=batch, seconds=seconds, prompt_tokens=prompt, target_tokens=len(target),
                         precision="32-true")
+    sequence = sequence_lengths(model, workload)
     estimate = activation_bytes(model, cfg.model, ["layer_weights", "downsampler", "projection", "lora"], workload,
-                                sequence_lengths(model, workload))
+                                sequence)
     saved = sum(estimate[k] for k in ("encoder_hidden_states", "adapter", "llm_layers", "logits"))
-    assert saved + _cpu_dropout_masks(model, sequence_lengths(model, workload), batch) == pytest.approx(measured, rel=0.1)
+    assert saved + _cpu_dropout_masks(model, sequence, batch) == pytest.approx(measured, rel=0.1)
 
 
 def _cpu_dropout_masks(model, sequence, batch) -> int:
     """What the plan leaves out because it counts GPU kernels: ATen's CPU dropout keeps its mask in the input
     dtype (fp32 here), the GPU's in 1 byte, for each LoRA adapter's dropped-out input."""
-    return batch * sum(_lora_positions(model, name, "encoder" if ".encoder." in f".{name}" else "decoder", sequence)
-                       * module.in_features * (4 - 1) for name, module, _, dropout in _lora_layers(model) if dropout)
+    return batch * sum(_lora_positions(model, name, _lora_stack(model, name), sequence) * module.in_features * (4 - 1)
+                       for name, module, _, dropout in _lora_layers(model) if dropout)
 
 
 @pytest.mark.parametrize("preset, small", [(WAVLM_T5, T5_SMALL), (WHISPER_QWEN, QWEN_SMALL)])
