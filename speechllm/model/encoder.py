@@ -100,9 +100,11 @@ class AudioEncoder(nn.Module):
 
 
 def inference_dtype(precision: str, device: torch.device | str) -> torch.dtype | None:
-    """The dtype the frozen encoder runs in under a Lightning `precision`: autocast's, for *-mixed on CUDA.
+    """The dtype the frozen encoder and LLM are stored and run in under a Lightning `precision`: autocast's, for
+    *-mixed on CUDA.
 
-    None (keep fp32) elsewhere: CPU runs stay fp32, and a `*-true` precision converts the whole model anyway.
+    None (nothing is cast) elsewhere: CPU runs keep what they built or loaded, and a `*-true` precision converts
+    the whole model anyway.
     """
     if torch.device(device).type != "cuda":
         return None

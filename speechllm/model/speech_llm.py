@@ -16,7 +16,8 @@ from speechllm.model import export
 from speechllm.model.encoder import AudioEncoder
 from speechllm.model.layer_weights import LayerWeightedSum
 from speechllm.model.llm import (
-    add_lora, body_and_head, build_llm, build_tokenizer, check_logits_are_head_output, check_vocabulary,
+    add_lora, body_and_head, build_llm, build_tokenizer, cast_frozen_weights, check_logits_are_head_output,
+    check_vocabulary,
 )
 from speechllm.model.projection import AudioProjection
 from speechllm.model.parts import trainable_groups
@@ -65,6 +66,12 @@ class SpeechLLM(nn.Module):
 
     def trainable_groups(self) -> dict[str, dict[str, nn.Parameter]]:
         return trainable_groups(self)
+
+    def store_frozen_weights_in(self, dtype: torch.dtype) -> None:
+        """Mixed precision runs the frozen encoder and LLM under autocast anyway: their weights stored in the autocast
+        dtype take half the memory and are not cast again at every step. What trains stays fp32."""
+        self.encoder.cast_weights(dtype)
+        cast_frozen_weights(self.llm, dtype)
 
     def save_pretrained(self, path, merge_lora: bool = False, metadata: dict | None = None):
         """A self-contained inference directory (see `speechllm.model.export`); `merge_lora` folds LoRA into the LLM."""

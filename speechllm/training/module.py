@@ -39,12 +39,10 @@ class SpeechLLMModule(L.LightningModule):
         self._resumed_rng: dict | None = None
 
     def setup(self, stage: str) -> None:
-        # Mixed precision runs the frozen encoder under autocast anyway: its weights stored in the autocast
-        # dtype take half the memory and are not cast again at every step. Before the strategy wraps the
-        # model; FSDP manages parameter dtypes itself.
+        # Before the strategy wraps the model; FSDP manages parameter dtypes itself.
         dtype = inference_dtype(self.trainer.precision, self.trainer.strategy.root_device)
         if dtype is not None and not isinstance(self.trainer.strategy, FSDPStrategy):
-            self.model.encoder.cast_weights(dtype)
+            self.model.store_frozen_weights_in(dtype)
 
     def configure_model(self) -> None:
         # After StageScheduler.setup and before the strategy wraps the model. In place (nn.Module.compile):

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from conftest import REPO, run_overrides
 from speechllm.config import load_config
 from speechllm.training.checkpoints import META_KEY
+from speechllm.training import module
 from speechllm.training.module import SpeechLLMModule
 from speechllm.training.run import train
 from test_curriculum import ALIGN, align_then_lora, load_ckpt, metrics_rows, write_stage
@@ -66,6 +67,30 @@ def test_bf16_mixed_precision_trains_under_autocast_with_fp32_weights(corpus, tm
     assert {t.dtype for t in checkpoint["state_dict"].values()} == {torch.float32}  # what the optimizer updates
     losses = [float(r["train/loss"]) for r in metrics_rows(run.run_dir) if r.get("train/loss")]
     assert len(losses) == 2 and all(0 < loss < 20 for loss in losses)
+
+
+def test_bf16_mixed_on_a_gpu_stores_frozen_weights_in_bf16_and_trains_lora_in_fp32(corpus, tmp_path, monkeypatch):
+    """On CUDA (here: what `inference_dtype` answers there), the run stores the frozen encoder and LLM in bf16
+    before training, and LoRA, switched on mid-run, still trains in fp32."""
+    monkeypatch.setattr(module, "inference_dtype", lambda precision, device: torch.bfloat16)
+    stored: list[dict] = []
+    training_step = SpeechLLMModule.training_step
+
+    def recording_step(self, batch, batch_idx):
+        lora = set(self.model.trainable_groups()["lora"].values())
+        stored.append({"encoder": {p.dtype for p in self.model.encoder.parameters()},
+                       "llm": {p.dtype for p in self.model.llm.parameters() if p not in lora},
+                       "lora": {p.dtype for p in lora}})
+        return training_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(SpeechLLMModule, "training_step", recording_step)
+    stage = align_then_lora(tmp_path / "bf16.yaml", "bf16", switch=1, end=3)
+    run = train(load_config(stage, run_overrides(corpus, tmp_path, "trainer.precision=bf16-mixed")))
+    assert stored == [{"encoder": {torch.bfloat16}, "llm": {torch.bfloat16}, "lora": {torch.float32}}] * 3
+    checkpoint = load_ckpt(run.run_dir / "checkpoints" / "last.ckpt")
+    assert adam_steps(checkpoint)["lora"] == {2}
+    lora = {k: v for k, v in checkpoint["state_dict"].items() if "lora_B" in k}
+    assert lora and {v.dtype for v in lora.values()} == {torch.float32} and any(v.abs().sum() > 0 for v in lora.values())
 
 
 # FSDP on CPU ------------------------------------------------------------------------------------------------

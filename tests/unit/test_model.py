@@ -177,6 +177,35 @@ def test_chunked_loss_refuses_what_it_cannot_compute():
         SpeechLLM(gemma.model)
 
 
+@pytest.mark.parametrize("preset, dtype", [("tiny", torch.bfloat16), ("tiny_t5", torch.float16)])
+def test_mixed_precision_stores_frozen_weights_in_its_dtype_and_trains_in_fp32(preset, dtype):
+    """What a GPU run under bf16-/16-mixed does before training (SpeechLLMModule.setup): the frozen encoder and LLM
+    weights go to autocast's dtype, as from_pretrained(dtype=...) would load them. What trains, the LLM's buffers
+    (RoPE) and the modules HF keeps in fp32 (T5's `wo` under fp16) stay fp32, and the loss is autocast's."""
+    _, wave, mask = _padded_batch(LENGTHS)
+    instructions, targets = ["transcribe", "what is said?", "intent"], ["hello world", "yes", "lights_on"]
+    losses = []
+    for cast in (False, True):
+        torch.manual_seed(0)
+        model = SpeechLLM(tiny_config(preset).model).eval()
+        if cast:
+            model.store_frozen_weights_in(dtype)
+        with torch.autocast("cpu", dtype=dtype):
+            out = model(wave, mask, instructions, targets)
+        out.loss.backward()
+        losses.append(out.loss.item())
+    trained = {p for group in model.trainable_groups().values() for p in group.values()}
+    frozen = {n: p.dtype for n, p in model.named_parameters() if p not in trained}
+    kept_fp32 = {n for n in frozen if ".wo." in n} if preset == "tiny_t5" else set()
+    assert {n for n, d in frozen.items() if d == torch.float32} == kept_fp32
+    assert {d for n, d in frozen.items() if n not in kept_fp32} == {dtype}
+    assert {p.dtype for p in trained} == {torch.float32}
+    assert {b.dtype for b in model.llm.buffers() if b.is_floating_point()} <= {torch.float32}
+    lora = model.trainable_groups()["lora"].values()
+    assert lora and all(p.grad is not None and p.grad.dtype == torch.float32 for p in lora)
+    assert losses[1] == pytest.approx(losses[0], rel=2e-2)
+
+
 def test_instruction_text_never_appears_in_labels(model):
     _, wave, mask = _padded_batch(LENGTHS[:2])
     audio, audio_mask = model.encode_audio(wave, mask)
