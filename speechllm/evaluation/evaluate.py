@@ -245,7 +245,8 @@ def load_model(cfg: DictConfig, checkpoint: Path, device: torch.device) -> tuple
     meta = read_checkpoint(checkpoint).get(META_KEY, {})
     holder = SimpleNamespace(cfg=cfg, model=model)  # what load_trained_weights reads: .cfg.model and .model
     loaded = {}
-    untrained = {g for g, params in trainable_groups(model).items() if params} - set(meta.get("trained_groups", []))
+    saved = {*meta.get("trained_groups", []), *meta.get("carried_groups", [])}
+    untrained = {g for g, params in trainable_groups(model).items() if params} - saved
     if cfg.init_from and untrained:
         loaded["init_from"] = load_trained_weights(holder, cfg.init_from)
     loaded["checkpoint"] = load_trained_weights(holder, str(checkpoint))

@@ -30,8 +30,11 @@ class SpeechLLMModule(L.LightningModule):
         # Read before any strategy wraps the model: under FSDP the parameters become flat shards.
         self._no_decay = {n for g in self.model.trainable_groups().values() for n, p in g.items() if p.ndim < 2}
         self._compiled = False
-        # Checkpoints hold only the trained groups; on_load_checkpoint checks that they are all there.
+        # Checkpoints hold only the saved groups (below); on_load_checkpoint checks that they are all there.
         self.strict_loading = False
+        # Groups init_from loaded that this run does not train (a stage training LoRA only keeps the audio path it
+        # started from): its checkpoints hold them too, for a resume or a later stage's init_from.
+        self.carried_groups: list[str] = []
         self.wandb_run_id: str | None = None
         self._val_sums: torch.Tensor | None = None
         self._val_answers: ValidationAnswers | None = None  # eval.generate: this validation's answers
@@ -52,9 +55,11 @@ class SpeechLLMModule(L.LightningModule):
                 layer.compile()
             self._compiled = True
 
-    def trained_state_keys(self) -> set[str]:
+    def saved_state_keys(self, carried_groups: list[str] | None = None) -> set[str]:
+        """What a checkpoint holds of the model: the groups this run trains and those it carries."""
+        carried = self.carried_groups if carried_groups is None else carried_groups
         groups = self.model.trainable_groups()
-        return {f"model.{name}" for group in self.plan.trained_groups for name in groups[group]}
+        return {f"model.{name}" for group in {*self.plan.trained_groups, *carried} for name in groups[group]}
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         out = self._loss(batch)
@@ -126,7 +131,7 @@ class SpeechLLMModule(L.LightningModule):
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        keep = self.trained_state_keys()
+        keep = self.saved_state_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint[META_KEY] = {
             "stage": self.plan.stage,
@@ -134,18 +139,19 @@ class SpeechLLMModule(L.LightningModule):
             "global_step": self.global_step,
             "model_config": OmegaConf.to_container(self.cfg.model),
             "trained_groups": self.plan.trained_groups,
+            "carried_groups": self.carried_groups,
             "wandb_run_id": self.wandb_run_id,
             # One entry per rank (dropout must continue where it stopped on each); every rank gets here,
             # as Lightning builds the checkpoint on all ranks and writes it on rank 0.
             "rng_states": _all_ranks(rng_states()),
         }
 
-    def check_trained_tensors(self, names, path: Path) -> None:
-        """A checkpoint to resume from must hold every tensor this run trains (strict_loading is off)."""
-        missing = self.trained_state_keys() - set(names)
+    def check_saved_tensors(self, checkpoint: dict, path: Path) -> None:
+        """A checkpoint to resume from must hold every tensor this run trains or carries (strict_loading is off)."""
+        missing = self.saved_state_keys(checkpoint[META_KEY].get("carried_groups", [])) - set(checkpoint["state_dict"])
         if missing:
             raise CheckpointError(
-                f"{path}: lacks {len(missing)} tensors this run trains (e.g. {sorted(missing)[0]}); "
+                f"{path}: lacks {len(missing)} tensors this run trains or carries (e.g. {sorted(missing)[0]}); "
                 "use init_from for a checkpoint of another stage"
             )
 
@@ -153,8 +159,10 @@ class SpeechLLMModule(L.LightningModule):
         trainer = self._trainer
         path = Path(trainer.ckpt_path) if trainer and trainer.ckpt_path else Path("checkpoint")
         check_compatible(checkpoint, self.cfg.model, path)
+        # A resume does not load init_from again: the checkpoint holds what the run carries from it.
+        self.carried_groups = list(checkpoint[META_KEY].get("carried_groups", []))
         if "state_dict" in checkpoint:  # FSDP loads it into the shards before this hook (and checks it then)
-            self.check_trained_tensors(checkpoint["state_dict"].keys(), path)
+            self.check_saved_tensors(checkpoint, path)
         states = checkpoint[META_KEY].get("rng_states") or []
         world_size = trainer.world_size if trainer else 1
         if len(states) == world_size:

@@ -78,6 +78,7 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> TrainingRun:
     )
     if initial is not None:
         loaded = load_trained_weights(module, cfg.init_from, initial)
+        module.carried_groups = [group for group in loaded if group not in plan.trained_groups]
         rank_zero_info(f"init_from {cfg.init_from}: loaded {', '.join(loaded) or 'nothing'}")
     module.wandb_run_id = (resumed or {}).get(META_KEY, {}).get("wandb_run_id") or uuid.uuid4().hex[:8]
     resume_step = resumed["global_step"] if resumed else None

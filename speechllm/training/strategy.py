@@ -63,7 +63,7 @@ class SpeechFSDPStrategy(FSDPStrategy):
     Checkpoints: one file (Lightning's "full" state dict) whose optimizer state is keyed as any optimizer keys
     it (by position in its param groups), not by position among the model's parameters as Lightning's FSDP
     keys it, so that a run resumes under FSDP from a DDP or single-device checkpoint and back. Before loading,
-    the tensors this run trains are checked to be there (module.check_trained_tensors).
+    the tensors this run trains or carries are checked to be there (module.check_saved_tensors).
 
     CPU (gloo), where the tests run it: torch's FSDP runs there when given the device, but Lightning refuses
     `strategy="fsdp"` with a CPU accelerator (a check on the exact FSDPStrategy class), passes FSDP
@@ -102,7 +102,7 @@ class SpeechFSDPStrategy(FSDPStrategy):
             return super().load_checkpoint(path, weights_only)
         checkpoint = self.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
         # Loaded into the shards here, before the module's on_load_checkpoint could see the state dict.
-        self.lightning_module.check_trained_tensors(checkpoint["state_dict"].keys(), path)
+        self.lightning_module.check_saved_tensors(checkpoint, path)
         with self._full_state_dict(rank0_only=False):
             self.model.load_state_dict(checkpoint.pop("state_dict"), strict=False)  # frozen weights are not in it
             if self.lightning_module.trainer.state.fn == TrainerFn.FITTING and checkpoint.get("optimizer_states"):

@@ -120,6 +120,24 @@ def test_stage2_starts_from_stage1_weights_at_step_0_with_a_fresh_optimizer(stag
     assert min(train_losses(run2.run_dir)) == 0
 
 
+def test_a_resumed_run_keeps_the_init_from_weights_it_does_not_train(stage1, corpus):
+    """A stage that trains LoRA only on the audio path of stage 1, stopped and resumed: a resume does not read
+    init_from again, so its checkpoints carry that audio path, unchanged, for the resume and for a later stage."""
+    out, run1 = stage1
+    stage = write_stage(out / "lora_only.yaml", "lora_only",
+                        [{"name": "lora", "until_step": 4, "train": ["lora"], "tasks": {"asr": 1.0}}])
+    overrides = run_overrides(corpus, out, f"init_from={run1.run_dir}")
+    train(load_config(stage, [*overrides, "trainer.max_steps=2"]))
+    resumed = train(load_config(stage, overrides))
+    assert load_ckpt(resumed.run_dir / "checkpoints" / "last.ckpt")["global_step"] == 4
+    stage1_weights = load_ckpt(run1.run_dir / "checkpoints" / "last.ckpt")["state_dict"]
+    groups = resumed.module.model.trainable_groups()
+    for group in STAGE1_GROUPS:
+        assert all(torch.equal(p, stage1_weights[f"model.{n}"]) for n, p in groups[group].items()), group
+    later = SpeechLLMModule(load_config(stage, overrides), StagePlan(load_config(stage, overrides)), [])
+    assert load_trained_weights(later, str(resumed.run_dir)) == [*STAGE1_GROUPS, "lora"]
+
+
 # 2. DDP: phase switches keep ranks in sync; flipping requires_grad after wrapping does not -------------
 
 

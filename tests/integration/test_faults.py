@@ -173,7 +173,7 @@ def poison_steps(monkeypatch, bad_steps: set[int]) -> dict[int, dict]:
     original = SpeechLLMModule.training_step
 
     def step(self, batch, batch_idx):
-        trained = self.trained_state_keys()
+        trained = self.saved_state_keys()
         seen[self.global_step] = {
             "weights": {k: v.detach().clone() for k, v in self.state_dict().items() if k in trained},
             "optimizer": copy.deepcopy(self.trainer.optimizers[0].state_dict()),
