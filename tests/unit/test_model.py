@@ -203,7 +203,7 @@ def test_mixed_precision_stores_frozen_weights_in_its_dtype_and_trains_in_fp32(p
     assert {b.dtype for b in model.llm.buffers() if b.is_floating_point()} <= {torch.float32}
     lora = model.trainable_groups()["lora"].values()
     assert lora and all(p.grad is not None and p.grad.dtype == torch.float32 for p in lora)
-    assert losses[1] == pytest.approx(losses[0], rel=2e-2)
+    assert losses[1] == pytest.approx(losses[0], rel=5e-3)  # 0.08% apart: a bf16 residual stream
 
 
 def test_instruction_text_never_appears_in_labels(model):
