@@ -70,17 +70,18 @@ def base_llm(llm: nn.Module) -> PreTrainedModel:
     return llm.get_base_model() if isinstance(llm, PeftModel) else llm
 
 
-def cast_frozen_weights(llm: nn.Module, dtype: torch.dtype) -> None:
+def cast_frozen_weights(llm: nn.Module, dtype: torch.dtype, trained: set[nn.Parameter]) -> None:
     """Store the frozen LLM's weights in `dtype` (mixed precision's autocast dtype), as `from_pretrained(dtype=...)`
     would: half the memory of an fp32 checkpoint or a random preset, and autocast no longer casts every weight at
-    every step (it caches no cast of a frozen weight). LoRA adapters stay fp32, for the optimizer; so do the buffers
-    (RoPE's inverse frequencies) and the modules the model keeps in fp32 (T5's `wo` under fp16)."""
+    every step (it caches no cast of a frozen weight). The `trained` parameters (LoRA) stay fp32, for the
+    optimizer; so do the buffers (RoPE's inverse frequencies) and the modules the model keeps in fp32 (T5's `wo`
+    under fp16)."""
     model = base_llm(llm)
     keep = set(model._keep_in_fp32_modules_strict or ())
     if dtype == torch.float16:
         keep |= set(model._keep_in_fp32_modules or ())
     for name, param in model.named_parameters():
-        if "lora_" not in name and not keep.intersection(name.split(".")):
+        if param not in trained and not keep.intersection(name.split(".")):
             param.data = param.data.to(dtype)
 
 

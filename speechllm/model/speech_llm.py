@@ -71,7 +71,8 @@ class SpeechLLM(nn.Module):
         """Mixed precision runs the frozen encoder and LLM under autocast anyway: their weights stored in the autocast
         dtype take half the memory and are not cast again at every step. What trains stays fp32."""
         self.encoder.cast_weights(dtype)
-        cast_frozen_weights(self.llm, dtype)
+        trained = {param for group in self.trainable_groups().values() for param in group.values()}
+        cast_frozen_weights(self.llm, dtype, trained)
 
     def save_pretrained(self, path, merge_lora: bool = False, metadata: dict | None = None):
         """A self-contained inference directory (see `speechllm.model.export`); `merge_lora` folds LoRA into the LLM."""

@@ -30,7 +30,8 @@ class SpeechLLMModule(L.LightningModule):
         # Read before any strategy wraps the model: under FSDP the parameters become flat shards.
         self._no_decay = {n for g in self.model.trainable_groups().values() for n, p in g.items() if p.ndim < 2}
         self._compiled = False
-        # Checkpoints hold only the saved groups (below); on_load_checkpoint checks that they are all there.
+        # Checkpoints hold the groups this run trains or carries (saved_state_keys), nothing frozen;
+        # on_load_checkpoint checks that they are all there.
         self.strict_loading = False
         # Groups init_from loaded that this run does not train (a stage training LoRA only keeps the audio path it
         # started from): its checkpoints hold them too, for a resume or a later stage's init_from.
