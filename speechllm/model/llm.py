@@ -85,6 +85,16 @@ def cast_frozen_weights(llm: nn.Module, dtype: torch.dtype, trained: set[nn.Para
             param.data = param.data.to(dtype)
 
 
+def switch_off_untrained_adapters(llm: nn.Module) -> bool:
+    """Switch off LoRA layers whose adapters never trained (every B matrix zero, as peft starts it): they add
+    exactly zero to their layer's output, so a run that does not train them (stage 1) need not compute that zero
+    (dropout, products and casts, forward and backward, in every adapted layer). Returns whether it did."""
+    if not isinstance(llm, PeftModel) or any(p.any() for n, p in llm.named_parameters() if "lora_B" in n):
+        return False
+    llm.base_model.disable_adapter_layers()
+    return True
+
+
 def body_and_head(llm: nn.Module) -> tuple[nn.Module, nn.Linear]:
     """A decoder-only LLM's transformer body (embeddings to final norm, returning `last_hidden_state`) and its LM
     head, LoRA included: for a loss that applies the head itself."""

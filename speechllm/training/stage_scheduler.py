@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig
 
 from speechllm.config import TRAINABLE_GROUPS
+from speechllm.model.llm import switch_off_untrained_adapters
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,8 @@ class StageScheduler(L.Callback):
         for group, params in pl_module.model.trainable_groups().items():
             for param in params.values():
                 param.requires_grad_(group in trained)
+        if "lora" not in trained and switch_off_untrained_adapters(pl_module.model.llm):
+            rank_zero_info(f"[{self.plan.stage}] LoRA neither trains in this run nor has trained before: switched off")
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         step = trainer.global_step

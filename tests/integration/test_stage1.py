@@ -5,6 +5,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from peft.tuners.lora import LoraLayer
 
 from conftest import REPO, run_overrides
 from speechllm.config import load_config
@@ -44,6 +45,9 @@ def test_only_stage1_groups_changed(stage1):
         assert any(not torch.equal(before[group][k], after[group][k]) for k in before[group]), group
     assert all(torch.equal(before["lora"][k], after["lora"][k]) for k in before["lora"])
     assert not any(p.requires_grad for p in after["lora"].values())
+    # Never trained (B = 0), so the run switched the adapters off instead of computing their zero output.
+    adapted = [m for m in run.module.model.llm.modules() if isinstance(m, LoraLayer)]
+    assert adapted and all(m.disable_adapters for m in adapted)
 
 
 def test_checkpoint_holds_only_the_trained_groups_and_run_state(stage1):

@@ -7,6 +7,7 @@ import torch
 
 from speechllm.config import ConfigError
 from speechllm.model.downsampler import ConvDownsampler
+from speechllm.model.llm import switch_off_untrained_adapters
 from speechllm.model.speech_llm import IGNORE_INDEX, SpeechLLM
 from tests.conftest import tiny_config
 
@@ -204,6 +205,40 @@ def test_mixed_precision_stores_frozen_weights_in_its_dtype_and_trains_in_fp32(p
     lora = model.trainable_groups()["lora"].values()
     assert lora and all(p.grad is not None and p.grad.dtype == torch.float32 for p in lora)
     assert losses[1] == pytest.approx(losses[0], rel=5e-3)  # 0.08% apart: a bf16 residual stream
+
+
+def test_adapters_that_never_trained_are_switched_off_without_changing_loss_or_gradients():
+    """Stage 1 does not train LoRA, whose B matrices are still zero: switched off, the adapters' code no longer runs
+    and the loss and every gradient stay the same to the bit. Adapters that have trained are never switched off."""
+    _, wave, mask = _padded_batch(LENGTHS)
+    instructions, targets = ["transcribe", "what is said?", "write it down"], ["hello world", "yes", "lights on"]
+    torch.manual_seed(0)
+    model = SpeechLLM(tiny_config("tiny").model).eval()
+    lora = model.trainable_groups()["lora"]
+    for param in lora.values():
+        param.requires_grad_(False)  # as in stage 1
+    adapter_calls = []
+    for name, module in model.llm.named_modules():
+        if name.endswith("lora_A.default"):
+            module.register_forward_hook(lambda *_: adapter_calls.append(1))
+    results = []
+    for switch_off in (False, True):
+        if switch_off:
+            assert switch_off_untrained_adapters(model.llm)
+        adapter_calls.clear()
+        model.zero_grad(set_to_none=True)
+        out = model(wave, mask, instructions, targets)
+        out.loss.backward()
+        results.append((out.loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+                        len(adapter_calls)))
+    (loss_on, grads_on, calls_on), (loss_off, grads_off, calls_off) = results
+    assert calls_on > 0 and calls_off == 0
+    assert torch.equal(loss_off, loss_on) and grads_on.keys() == grads_off.keys() and len(grads_on) > 5
+    assert all(torch.equal(grads_off[n], g) for n, g in grads_on.items())
+    torch.manual_seed(0)
+    trained = SpeechLLM(tiny_config("tiny").model)
+    next(p for n, p in trained.trainable_groups()["lora"].items() if "lora_B" in n).data.fill_(0.01)
+    assert not switch_off_untrained_adapters(trained.llm)
 
 
 def test_instruction_text_never_appears_in_labels(model):
