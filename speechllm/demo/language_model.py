@@ -137,20 +137,35 @@ class Documents:
         return spoken + ids, len(spoken)
 
     def batch(self, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Right-padded ids, attention mask and labels (the spoken part and padding are never targets)."""
-        encoded = [self.encode(example) for example in examples]
-        length = max(len(ids) for ids, _ in encoded)
-        ids = torch.full((len(encoded), length), self.tokenizer.pad_token_id)
-        mask = torch.zeros((len(encoded), length), dtype=torch.long)
-        labels = torch.full((len(encoded), length), -100)
-        for i, (row, spoken) in enumerate(encoded):
-            ids[i, : len(row)] = torch.tensor(row)
-            mask[i, : len(row)] = 1
-            labels[i, spoken : len(row)] = ids[i, spoken : len(row)]
-        return ids, mask, labels
+        """Packed ids, positions and labels (see `pack`)."""
+        return pack([self.encode(example) for example in examples], self.tokenizer.pad_token_id)
 
     def sample(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.batch(self.rng.sample(self.examples, batch_size))
+
+
+def pack(encoded: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ids, positions and labels of encoded examples (ids, length of the spoken part) packed into rows as long
+    as the longest (longest first, each into the first row it fits): right-padding each to the longest wasted
+    a third of the batch. Positions restart at 0 for each example and for the padding, so transformers'
+    packed-sequence mask keeps attention within each example and RoPE sees what it would alone. The spoken
+    part and padding are never targets."""
+    encoded = sorted(encoded, key=lambda item: -len(item[0]))
+    length = len(encoded[0][0])
+    rows: list[tuple[list[int], list[int], list[int]]] = []
+    for ids, spoken in encoded:
+        row = next((row for row in rows if len(row[0]) + len(ids) <= length), None)
+        if row is None:
+            rows.append(row := ([], [], []))
+        row[0].extend(ids)
+        row[1].extend(range(len(ids)))
+        row[2].extend([-100] * spoken + ids[spoken:])
+    for ids, positions, labels in rows:
+        padding = length - len(ids)
+        ids.extend([pad_id] * padding)
+        positions.extend(range(padding))
+        labels.extend([-100] * padding)
+    return tuple(torch.tensor([row[part] for row in rows]) for part in range(3))
 
 
 def pretrain_language_model(out_dir: Path, steps: int, examples_per_task: int = 4000, batch_size: int = 32,
@@ -202,5 +217,10 @@ def transcript_wer_from_spoken_text(model: Qwen2ForCausalLM, tokenizer: PreTrain
     return float(WordErrorRate()(predictions, [row["target"] for row in rows]))
 
 
-def _loss(model: Qwen2ForCausalLM, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+def _loss(model: Qwen2ForCausalLM, ids: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the targets of a packed batch. Logits are computed at the targets
+    only: the spoken part, most of each example, never is one."""
+    hidden = model.model(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
+    targets = labels[:, 1:]
+    scored = targets != -100
+    return torch.nn.functional.cross_entropy(model.lm_head(hidden[:, :-1][scored]), targets[scored])

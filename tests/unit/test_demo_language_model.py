@@ -5,9 +5,13 @@ from __future__ import annotations
 import itertools
 import random
 
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
 from speechllm.data.synth import draw_texts
-from speechllm.demo.language_model import (ANSWER_PREFIX, FRAMES_PER_CHARACTER, SILENCE, SILENCE_AROUND, Documents,
-                                           SpokenText, lm_examples, train_tokenizer)
+from speechllm.demo.language_model import (ANSWER_PREFIX, ARCHITECTURE, FRAMES_PER_CHARACTER, SILENCE, SILENCE_AROUND,
+                                           Documents, SpokenText, _loss, lm_examples, pack, train_tokenizer)
 
 
 def test_spoken_text_holds_each_word_piece_over_frames_in_order():
@@ -31,15 +35,51 @@ def test_documents_target_instruction_and_answer_never_the_spoken_part():
     examples = lm_examples(10)
     tokenizer = train_tokenizer(examples, vocab_size=400)
     documents = Documents(examples, tokenizer, seed=0, augment=False)
-    ids, mask, labels = documents.batch(examples[:4])
-    for row, example in enumerate(examples[:4]):
-        _, instruction, answer = example
-        tail = (tokenizer(instruction + ANSWER_PREFIX, add_special_tokens=False).input_ids
-                + tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id])
-        length = int(mask[row].sum())
-        assert ids[row, length - len(tail) : length].tolist() == tail  # tokenized in SpeechLLM's parts
-        assert labels[row, length - len(tail) : length].tolist() == tail
-        assert (labels[row, : length - len(tail)] == -100).all() and (labels[row, length:] == -100).all()
+    ids, positions, labels = documents.batch(examples[:16])
+    assert ids.shape[0] < 16  # packed
+    tails = []
+    for row in range(ids.shape[0]):  # a segment starts where the positions restart at 0
+        starts = (positions[row] == 0).nonzero().flatten().tolist() + [ids.shape[1]]
+        for start, end in zip(starts, starts[1:]):
+            segment, targets = ids[row, start:end], labels[row, start:end]
+            scored = targets != -100
+            if not scored.any():  # padding
+                assert (segment == tokenizer.pad_token_id).all()
+                continue
+            first = int(scored.nonzero()[0])
+            assert scored[first:].all() and (targets[first:] == segment[first:]).all()  # a spoken prefix, then targets
+            tails.append(segment[first:].tolist())
+    expected = [tokenizer(instruction + ANSWER_PREFIX, add_special_tokens=False).input_ids
+                + tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+                for _, instruction, answer in examples[:16]]  # tokenized in SpeechLLM's parts
+    assert sorted(tails) == sorted(expected)
+
+
+def test_packed_loss_is_the_padded_batchs_loss_in_fewer_rows():
+    """Packing changes the layout, not the computation: the same loss and gradients as right-padding every
+    example, with attention kept within each (positions restart) and logits at the targets only."""
+    torch.manual_seed(0)
+    examples = lm_examples(40)
+    tokenizer = train_tokenizer(examples, vocab_size=400)
+    documents = Documents(examples, tokenizer, seed=0, augment=False)
+    encoded = [documents.encode(example) for example in examples[:24]]
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                         **ARCHITECTURE))
+    length = max(len(ids) for ids, _ in encoded)
+    padded = torch.full((len(encoded), length), tokenizer.pad_token_id)
+    mask, labels = torch.zeros_like(padded), torch.full_like(padded, -100)
+    for row, (ids, spoken) in enumerate(encoded):
+        padded[row, : len(ids)], mask[row, : len(ids)] = torch.tensor(ids), 1
+        labels[row, spoken : len(ids)] = padded[row, spoken : len(ids)]
+    expected = model(input_ids=padded, attention_mask=mask, labels=labels).loss
+    expected_grads = torch.autograd.grad(expected, list(model.parameters()))
+    packed = pack(encoded, tokenizer.pad_token_id)
+    assert packed[0].shape[0] < len(encoded)
+    loss = _loss(model, *packed)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-6)
 
 
 def test_as_many_random_word_strings_as_sentences_are_transcribed():
