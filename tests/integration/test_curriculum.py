@@ -21,6 +21,8 @@ from omegaconf import OmegaConf
 
 from conftest import REPO, run_overrides, speechllm_command
 from speechllm.config import ConfigError, load_config
+from speechllm.data.audio import load_audio
+from speechllm.evaluation.evaluate import load_model, load_run_config
 from speechllm.model.speech_llm import SpeechLLM
 from speechllm.training.checkpoints import META_KEY, AtomicCheckpointIO, CheckpointError, load_trained_weights
 from speechllm.training.datamodule import SpeechDataModule
@@ -136,6 +138,29 @@ def test_a_resumed_run_keeps_the_init_from_weights_it_does_not_train(stage1, cor
         assert all(torch.equal(p, stage1_weights[f"model.{n}"]) for n, p in groups[group].items()), group
     later = SpeechLLMModule(load_config(stage, overrides), StagePlan(load_config(stage, overrides)), [])
     assert load_trained_weights(later, str(resumed.run_dir)) == [*STAGE1_GROUPS, "lora"]
+
+
+def test_eval_of_a_stage_that_never_trained_lora_answers_without_computing_it(stage1, corpus):
+    """Stage 1's LoRA adds zero, so the model eval and predict load runs none of its code, with the same answers."""
+    _, run1 = stage1
+    model, _, _ = load_model(load_run_config(run1.run_dir), run1.run_dir / "checkpoints" / "last.ckpt",
+                             torch.device("cpu"))
+    calls = []
+    for name, module in model.named_modules():
+        if name.endswith("lora_A.default"):
+            module.register_forward_hook(lambda *_: calls.append(1))
+    row = json.loads((corpus / "dev.jsonl").read_text().splitlines()[0])
+    wave, _ = load_audio(corpus / row["audio"], model.cfg.encoder.sample_rate)
+    answers = []
+    for adapters_on in (False, True):
+        if adapters_on:
+            model.llm.base_model.enable_adapter_layers()
+        with torch.inference_mode():
+            answers.append(model.generate(wave[None], torch.ones_like(wave[None], dtype=torch.bool),
+                                          ["Transcribe the audio."], max_new_tokens=6))
+        answers.append(len(calls))
+    off, calls_off, on, calls_on = answers
+    assert calls_off == 0 and calls_on > 0 and off == on
 
 
 # 2. DDP: phase switches keep ranks in sync; flipping requires_grad after wrapping does not -------------
