@@ -29,6 +29,7 @@ from speechllm.data.sampler import DurationBatchSampler
 from speechllm.data.tasks import TaskRegistry
 from speechllm.evaluation.generation import generate_by_task, token_budgets
 from speechllm.evaluation.metrics import TaskScores, parse_normalization, score_tasks
+from speechllm.model.encoder import inference_dtype
 from speechllm.model.llm import switch_off_untrained_adapters
 from speechllm.model.parts import trainable_groups
 from speechllm.model.speech_llm import SpeechLLM
@@ -239,7 +240,8 @@ def load_model(cfg: DictConfig, checkpoint: Path, device: torch.device) -> tuple
 
     Groups the checkpoint lacks but the run started from (`init_from`, e.g. a stage that trains only
     LoRA on a previous stage's projection) come from `init_from`; groups that never trained keep the
-    run's seeded initialisation, as in training. LoRA adapters that never trained are switched off.
+    run's seeded initialisation, as in training. LoRA adapters that never trained are switched off. Under the
+    run's `*-mixed` precision on a GPU, the frozen weights are stored and generation runs in its dtype.
     """
     L.seed_everything(cfg.seed, verbose=False)  # the same initialisation the run started from
     model = SpeechLLM(cfg.model)
@@ -252,6 +254,9 @@ def load_model(cfg: DictConfig, checkpoint: Path, device: torch.device) -> tuple
         loaded["init_from"] = load_trained_weights(holder, cfg.init_from)
     loaded["checkpoint"] = load_trained_weights(holder, str(checkpoint))
     switch_off_untrained_adapters(model.llm)  # a stage-1 model's LoRA adds zero: generate without computing it
+    dtype = inference_dtype(cfg.trainer.precision, device)
+    if dtype is not None:  # the run's mixed precision, as in training: half the memory, validation's numbers
+        model.store_frozen_weights_in(dtype)
     return model.to(device).eval(), meta, loaded
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +64,7 @@ class SpeechLLM(nn.Module):
             check_logits_are_head_output(llm)
         self.projection = AudioProjection(d.channels, llm.get_input_embeddings().weight.detach())
         self.llm = add_lora(llm, cfg.lora) if cfg.lora.rank > 0 else llm
+        self.frozen_dtype: torch.dtype | None = None  # set by store_frozen_weights_in
 
     def trainable_groups(self) -> dict[str, dict[str, nn.Parameter]]:
         return trainable_groups(self)
@@ -73,6 +75,7 @@ class SpeechLLM(nn.Module):
         self.encoder.cast_weights(dtype)
         trained = {param for group in self.trainable_groups().values() for param in group.values()}
         cast_frozen_weights(self.llm, dtype, trained)
+        self.frozen_dtype = dtype
 
     def save_pretrained(self, path, merge_lora: bool = False, metadata: dict | None = None):
         """A self-contained inference directory (see `speechllm.model.export`); `merge_lora` folds LoRA into the LLM."""
@@ -172,9 +175,9 @@ class SpeechLLM(nn.Module):
         feature_mask: torch.Tensor | None = None,
     ) -> list[str]:
         """Greedy (num_beams=1) or beam-search answers to `instructions` about each audio (as in `forward`)."""
-        audio, audio_mask = self._embed_audio(wave, wave_mask, features, feature_mask)
-        inputs = self.build_inputs(audio, audio_mask, instructions, targets=None)
-        with sdpa_kernel(LLM_SDPA_BACKENDS):
+        with self._mixed_precision(), sdpa_kernel(LLM_SDPA_BACKENDS):
+            audio, audio_mask = self._embed_audio(wave, wave_mask, features, feature_mask)
+            inputs = self.build_inputs(audio, audio_mask, instructions, targets=None)
             tokens = self.llm.generate(
                 inputs_embeds=inputs.inputs_embeds,
                 attention_mask=inputs.attention_mask,
@@ -185,6 +188,14 @@ class SpeechLLM(nn.Module):
                 pad_token_id=self.tokenizer.pad_token_id,
             )
         return [text.strip() for text in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+
+    def _mixed_precision(self):
+        """Autocast in the dtype the frozen weights are stored in, where no caller (Lightning) set it up: eval and
+        predict then compute what training's validation does, with what trains in fp32."""
+        device = self.layer_weights.weights.device.type
+        if self.frozen_dtype is None or torch.is_autocast_enabled(device):
+            return contextlib.nullcontext()
+        return torch.autocast(device, dtype=self.frozen_dtype)
 
     def build_inputs(
         self, audio: torch.Tensor, audio_mask: torch.Tensor, instructions: list[str], targets: list[str] | None

@@ -14,6 +14,10 @@ import torch.distributed as dist
 
 from conftest import REPO, run_overrides
 from speechllm.config import load_config
+from speechllm.data.audio import load_audio
+from speechllm.data.tasks import default_registry
+from speechllm.evaluation import evaluate
+from speechllm.model.llm import decoder_layers
 from speechllm.training.checkpoints import META_KEY
 from speechllm.training import module
 from speechllm.training.module import SpeechLLMModule
@@ -71,8 +75,10 @@ def test_bf16_mixed_precision_trains_under_autocast_with_fp32_weights(corpus, tm
 
 def test_bf16_mixed_on_a_gpu_stores_frozen_weights_in_bf16_and_trains_lora_in_fp32(corpus, tmp_path, monkeypatch):
     """On CUDA (here: what `inference_dtype` answers there), the run stores the frozen encoder and LLM in bf16
-    before training, and LoRA, switched on mid-run, still trains in fp32."""
-    monkeypatch.setattr(module, "inference_dtype", lambda precision, device: torch.bfloat16)
+    before training, and LoRA, switched on mid-run, still trains in fp32. Eval then loads the model as training
+    held it and generates under the same autocast: validation's answers."""
+    for code in (module, evaluate):
+        monkeypatch.setattr(code, "inference_dtype", lambda precision, device: torch.bfloat16)
     stored: list[dict] = []
     training_step = SpeechLLMModule.training_step
 
@@ -91,6 +97,32 @@ def test_bf16_mixed_on_a_gpu_stores_frozen_weights_in_bf16_and_trains_lora_in_fp
     assert adam_steps(checkpoint)["lora"] == {2}
     lora = {k: v for k, v in checkpoint["state_dict"].items() if "lora_B" in k}
     assert lora and {v.dtype for v in lora.values()} == {torch.float32} and any(v.abs().sum() > 0 for v in lora.values())
+
+    loaded, _, _ = evaluate.load_model(evaluate.load_run_config(run.run_dir), run.run_dir / "checkpoints" / "last.ckpt",
+                                       torch.device("cpu"))
+    trained = {p for group in loaded.trainable_groups().values() for p in group.values()}
+    assert {p.dtype for p in loaded.parameters() if p not in trained} == {torch.bfloat16}
+    assert {p.dtype for p in trained} == {torch.float32}
+    autocast = []
+    decoder_layers(loaded.llm)[0].register_forward_pre_hook(lambda *_: autocast.append(torch.get_autocast_dtype("cpu")
+                                                                                         if torch.is_autocast_enabled("cpu") else None))
+    wave, mask, instructions = _questions(corpus)
+    with torch.inference_mode():
+        answers = loaded.generate(wave, mask, instructions, max_new_tokens=8)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # as Lightning's bf16-mixed runs validation
+            expected = run.module.model.eval().generate(wave, mask, instructions, max_new_tokens=8)
+    assert autocast and set(autocast) == {torch.bfloat16}
+    assert answers == expected
+
+
+def _questions(corpus: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Two dev clips, zero-padded into one batch, each with its row's task's first training template."""
+    rows = [json.loads(line) for line in (corpus / "dev.jsonl").read_text().splitlines()[:2]]
+    waves = [load_audio(corpus / row["audio"], 16000)[0] for row in rows]
+    wave = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True)
+    mask = torch.arange(wave.shape[1])[None] < torch.tensor([len(w) for w in waves])[:, None]
+    registry = default_registry()
+    return wave, mask, [registry.get(row["task"]).render(registry.get(row["task"]).train_templates[0], row) for row in rows]
 
 
 # FSDP on CPU ------------------------------------------------------------------------------------------------
