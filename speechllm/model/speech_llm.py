@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from speechllm.config import ModelConfig
 from speechllm.model.downsampler import ConvDownsampler
@@ -181,6 +182,7 @@ class SpeechLLM(nn.Module):
             tokens = self.llm.generate(
                 inputs_embeds=inputs.inputs_embeds,
                 attention_mask=inputs.attention_mask,
+                logits_processor=self._decodable_ids(),
                 max_new_tokens=max_new_tokens,
                 num_beams=num_beams,
                 do_sample=False,
@@ -188,6 +190,15 @@ class SpeechLLM(nn.Module):
                 pad_token_id=self.tokenizer.pad_token_id,
             )
         return [text.strip() for text in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+
+    def _decodable_ids(self) -> LogitsProcessorList:
+        """Generation limited to ids the tokenizer can decode, where the LLM embeds more rows than it has tokens
+        (padded vocabularies; the realistic preset's byte tokenizer on Qwen2's 151,936 rows, whose untrained model
+        emitted ids that made decoding fail)."""
+        tokens = len(self.tokenizer)
+        if self.llm.get_input_embeddings().num_embeddings <= tokens:
+            return LogitsProcessorList()
+        return LogitsProcessorList([_FirstIdsOnly(tokens)])
 
     def _mixed_precision(self):
         """Autocast in the dtype the frozen weights are stored in, where no caller (Lightning) set it up: eval and
@@ -265,6 +276,17 @@ class SpeechLLM(nn.Module):
 
     def _token_ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids if text else []
+
+
+class _FirstIdsOnly(LogitsProcessor):
+    """Scores of ids from `count` on set to -inf: one slice a step (transformers' SuppressTokens compares every id)."""
+
+    def __init__(self, count: int):
+        self.count = count
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores[:, self.count :] = -float("inf")
+        return scores
 
 
 def _pad_ids(rows: list[list[int]], length: int, fill: int, left: bool, device) -> torch.Tensor:

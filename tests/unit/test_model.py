@@ -270,6 +270,21 @@ def test_overfits_one_batch(preset):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+def test_generate_emits_only_ids_the_tokenizer_can_decode():
+    """An LLM that embeds more rows than its tokenizer has tokens (a padded vocabulary; the realistic preset's
+    byte tokenizer on 151,936 rows) never generates one of the extra ids: decoding them failed."""
+    torch.manual_seed(0)
+    model = SpeechLLM(tiny_config("tiny", "model.llm.architecture.vocab_size=4000").model).eval()
+    assert model.llm.get_input_embeddings().num_embeddings > len(model.tokenizer)
+    emitted = []
+    generate = model.llm.generate
+    model.llm.generate = lambda **kwargs: emitted.append(generate(**kwargs)) or emitted[-1]
+    _, wave, mask = _padded_batch(LENGTHS)
+    with torch.inference_mode():
+        answers = model.generate(wave, mask, ["say it"] * 3, max_new_tokens=12)
+    assert len(answers) == 3 and emitted[0].shape[1] == 12 and emitted[0].max() < len(model.tokenizer)
+
+
 def test_generate_batched_equals_alone(model):
     waves, wave, mask = _padded_batch(LENGTHS)
     instructions = ["transcribe", "what is said", "repeat"]
