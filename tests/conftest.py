@@ -23,6 +23,15 @@ def own_wandb_service(monkeypatch):
     monkeypatch.delenv("WANDB_SERVICE", raising=False)
 
 
+def record_adapter_calls(model) -> list:
+    """A list that grows by one each time one of `model`'s LoRA adapters runs (a hook on every lora_A)."""
+    calls = []
+    for name, module in model.named_modules():
+        if name.endswith("lora_A.default"):
+            module.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
 def tiny_config(model_preset: str = "tiny", *overrides: str):
     """A full RunConfig with a tiny model preset and no data or trainer preset."""
     return load_config(None, [f"presets.model={model_preset}", "presets.data=null", "presets.trainer=null", *overrides])

@@ -19,7 +19,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import REPO, run_overrides, speechllm_command
+from conftest import REPO, record_adapter_calls, run_overrides, speechllm_command
 from speechllm.config import ConfigError, load_config
 from speechllm.data.audio import load_audio
 from speechllm.evaluation.evaluate import load_model, load_run_config
@@ -145,21 +145,19 @@ def test_eval_of_a_stage_that_never_trained_lora_answers_without_computing_it(st
     _, run1 = stage1
     model, _, _ = load_model(load_run_config(run1.run_dir), run1.run_dir / "checkpoints" / "last.ckpt",
                              torch.device("cpu"))
-    calls = []
-    for name, module in model.named_modules():
-        if name.endswith("lora_A.default"):
-            module.register_forward_hook(lambda *_: calls.append(1))
+    calls = record_adapter_calls(model)
     row = json.loads((corpus / "dev.jsonl").read_text().splitlines()[0])
     wave, _ = load_audio(corpus / row["audio"], model.cfg.encoder.sample_rate)
-    answers = []
+    results = []
     for adapters_on in (False, True):
         if adapters_on:
             model.llm.base_model.enable_adapter_layers()
+        calls.clear()
         with torch.inference_mode():
-            answers.append(model.generate(wave[None], torch.ones_like(wave[None], dtype=torch.bool),
-                                          ["Transcribe the audio."], max_new_tokens=6))
-        answers.append(len(calls))
-    off, calls_off, on, calls_on = answers
+            answers = model.generate(wave[None], torch.ones_like(wave[None], dtype=torch.bool),
+                                     ["Transcribe the audio."], max_new_tokens=6)
+        results.append((answers, len(calls)))
+    (off, calls_off), (on, calls_on) = results
     assert calls_off == 0 and calls_on > 0 and off == on
 
 

@@ -9,7 +9,7 @@ from speechllm.config import ConfigError
 from speechllm.model.downsampler import ConvDownsampler
 from speechllm.model.llm import switch_off_untrained_adapters
 from speechllm.model.speech_llm import IGNORE_INDEX, SpeechLLM
-from tests.conftest import tiny_config
+from tests.conftest import record_adapter_calls, tiny_config
 
 LENGTHS = [16000, 12345, 7001]  # odd sample counts: frame and downsampled lengths do not divide evenly
 
@@ -217,10 +217,7 @@ def test_adapters_that_never_trained_are_switched_off_without_changing_loss_or_g
     lora = model.trainable_groups()["lora"]
     for param in lora.values():
         param.requires_grad_(False)  # as in stage 1
-    adapter_calls = []
-    for name, module in model.llm.named_modules():
-        if name.endswith("lora_A.default"):
-            module.register_forward_hook(lambda *_: adapter_calls.append(1))
+    adapter_calls = record_adapter_calls(model)
     results = []
     for switch_off in (False, True):
         if switch_off:
