@@ -11,10 +11,13 @@ Half of the transcription examples are random strings of the corpus's words: a g
 be recalled rather than read, those can only be read, so the LM learns to copy what it is given instead of
 completing familiar sentences. It learns the tasks whose answer follows from the words (transcribe,
 translate, intent, slots, keywords, speech or not) and to answer the speaker task with one of its labels,
-which LoRA learns to choose in stage 2. The text comes from the corpus grammar, train sentences only, and
-instructions from the training templates only, some words dropped at random so that it keys on what
-names the task rather than on whole templates: dev and test sentences and the held-out instructions
-stay unseen.
+which LoRA learns to choose in stage 2. The text comes from the corpus grammar, train sentences only: dev
+and test sentences stay unseen. Instructions come from all of a task's templates, the held-out ones too,
+some words dropped at random so that it keys on what names the task rather than on whole templates. A real
+LLM understands a phrasing it was never tuned on because it reads English; a 0.8M stand-in cannot, so it is
+taught the held-out phrasings here, in text, and only the speech stages never see them. Held-out
+instructions then measure what SpeechVerse measures with them: whether training on the audio path keeps
+the LLM's instruction following or narrows it to the training templates.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from speechllm.atomic import atomic_write_text
 from speechllm.data.synth import draw_texts
-from speechllm.data.tasks import default_registry
+from speechllm.data.tasks import Task, default_registry
 from speechllm.demo.optimize import train_steps
 
 TEXT_TASKS = ("asr", "st", "ic", "sf", "kwe", "kws")  # tasks whose answer follows from the spoken words
@@ -64,7 +67,7 @@ Example = tuple[str, str, str]  # (spoken text, instruction, answer)
 
 def lm_examples(examples_per_task: int, seed: int = 0,
                 tasks: tuple[str, ...] = TEXT_TASKS + LABEL_TASKS) -> list[Example]:
-    """Train sentences with training templates for each of `tasks`, and random-word transcripts."""
+    """Train sentences with instructions for each of `tasks`, and random-word transcripts."""
     registry = default_registry()
     rng = random.Random(seed)
     examples = []
@@ -72,14 +75,19 @@ def lm_examples(examples_per_task: int, seed: int = 0,
         spec = registry.get(task)
         for row in draw_texts(task, examples_per_task, seed=seed, split="train"):
             spoken = "" if row.get("sound") else row["text"]  # a non-speech clip says nothing
-            examples.append((spoken, spec.instruction(row, rng), row["target"]))
+            examples.append((spoken, any_instruction(spec, row, rng), row["target"]))
     words = sorted({word for text, _, _ in examples for word in text.split()})
     asr = registry.get("asr")
     for _ in range(int(examples_per_task * RANDOM_TRANSCRIPTS)):
         text = " ".join(rng.choices(words, k=rng.randint(2, 10)))
-        examples.append((text, asr.instruction({"text": text, "target": text}, rng), text))
+        examples.append((text, any_instruction(asr, {"text": text, "target": text}, rng), text))
     rng.shuffle(examples)
     return examples
+
+
+def any_instruction(spec: Task, fields: dict, rng: random.Random) -> str:
+    """An instruction from all of the task's templates, training and held-out (see the module's docstring)."""
+    return spec.render(rng.choice(spec.templates()), fields)
 
 
 def train_tokenizer(examples: list[Example], vocab_size: int) -> PreTrainedTokenizerFast:

@@ -10,8 +10,9 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from speechllm.data.synth import draw_texts
-from speechllm.demo.language_model import (ANSWER_PREFIX, ARCHITECTURE, FRAMES_PER_CHARACTER, SILENCE, SILENCE_AROUND,
-                                           Documents, SpokenText, _loss, lm_examples, pack, train_tokenizer)
+from speechllm.data.tasks import default_registry
+from speechllm.demo.language_model import (ANSWER_PREFIX, ARCHITECTURE, FRAMES_PER_CHARACTER, LABEL_TASKS, SILENCE,
+                                           SILENCE_AROUND, TEXT_TASKS, Documents, SpokenText, _loss, lm_examples, pack, train_tokenizer)
 
 
 def test_spoken_text_holds_each_word_piece_over_frames_in_order():
@@ -109,3 +110,12 @@ def test_a_demo_on_fewer_tasks_pretrains_its_lm_on_their_text_only():
     answers = {answer for _, _, answer in examples}
     assert answers & intents and not answers & {"speech", "non-speech", "male", "female"}
     assert len(examples) == 150  # 50 transcripts, 50 intents, 50 random word strings
+
+
+def test_the_lm_reads_every_tasks_held_out_phrasings_that_the_speech_stages_never_see():
+    instructions = {instruction for _, instruction, _ in lm_examples(100)}
+    registry = default_registry()
+    for task in TEXT_TASKS + LABEL_TASKS:
+        spec, rows = registry.get(task), draw_texts(task, 100, split="train")
+        heldout = {spec.render(template, row) for template in spec.heldout_templates for row in rows}
+        assert instructions & heldout, task  # the LM knows them: eval tests whether speech training keeps them
