@@ -156,7 +156,8 @@ def _export(args) -> int:
     cfg = load_run_config(run_dir)
     model, meta, _ = load_model(cfg, checkpoint, torch.device("cpu"))
     source = {"checkpoint": str(checkpoint.resolve()), **{k: meta.get(k) for k in ("stage", "phase", "global_step")}}
-    out = model.save_pretrained(args.out, merge_lora=args.merge_lora, metadata={"source": source})
+    metadata = {"source": source, "precision": cfg.trainer.precision}  # predict on a GPU loads the export in it
+    out = model.save_pretrained(args.out, merge_lora=args.merge_lora, metadata=metadata)
     print(f"exported {checkpoint} to {out}{' (LoRA merged into the LLM)' if args.merge_lora else ''}; "
           f"load it with SpeechLLM.from_pretrained('{out}') or `speechllm predict --ckpt {out}`")
     return 0

@@ -39,7 +39,7 @@ class Request:
 def load_inference_model(source: str | Path, device: torch.device) -> tuple[SpeechLLM, TaskRegistry]:
     """The model of a run directory, checkpoint or export directory, in eval mode on `device`, and its tasks."""
     if export.is_export(source):
-        return SpeechLLM.from_pretrained(source).to(device), default_registry()
+        return SpeechLLM.from_pretrained(source).for_inference(export.run_precision(source), device), default_registry()
     from speechllm.evaluation.evaluate import load_model, load_run_config, resolve_run
     from speechllm.training.run import build_registry
 

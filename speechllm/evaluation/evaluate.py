@@ -29,7 +29,6 @@ from speechllm.data.sampler import DurationBatchSampler
 from speechllm.data.tasks import TaskRegistry
 from speechllm.evaluation.generation import generate_by_task, token_budgets
 from speechllm.evaluation.metrics import TaskScores, parse_normalization, score_tasks
-from speechllm.model.encoder import inference_dtype
 from speechllm.model.llm import switch_off_untrained_adapters
 from speechllm.model.parts import trainable_groups
 from speechllm.model.speech_llm import SpeechLLM
@@ -254,10 +253,8 @@ def load_model(cfg: DictConfig, checkpoint: Path, device: torch.device) -> tuple
         loaded["init_from"] = load_trained_weights(holder, cfg.init_from)
     loaded["checkpoint"] = load_trained_weights(holder, str(checkpoint))
     switch_off_untrained_adapters(model.llm)  # a stage-1 model's LoRA adds zero: generate without computing it
-    dtype = inference_dtype(cfg.trainer.precision, device)
-    if dtype is not None:  # the run's mixed precision, as in training: half the memory, validation's numbers
-        model.store_frozen_weights_in(dtype)
-    return model.to(device).eval(), meta, loaded
+    # The run's mixed precision, as in training: half the memory, validation's numbers.
+    return model.for_inference(cfg.trainer.precision, device), meta, loaded
 
 
 def generate_all(

@@ -87,6 +87,11 @@ def save_pretrained(model: "SpeechLLM", out: str | Path, merge_lora: bool = Fals
     return out
 
 
+def run_precision(path: str | Path) -> str:
+    """The Lightning precision the exported run trained in (`speechllm export` records it; fp32 if not)."""
+    return str(OmegaConf.load(Path(path) / EXPORT_CONFIG).get("precision", "32-true"))
+
+
 def from_pretrained(path: str | Path, cls: type["SpeechLLM"]) -> "SpeechLLM":
     """The model saved in `path` by save_pretrained, in eval mode, on the CPU."""
     path = Path(path)

@@ -15,7 +15,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from speechllm.config import ModelConfig
 from speechllm.model.downsampler import ConvDownsampler
 from speechllm.model import export
-from speechllm.model.encoder import AudioEncoder
+from speechllm.model.encoder import AudioEncoder, inference_dtype
 from speechllm.model.layer_weights import LayerWeightedSum
 from speechllm.model.llm import (
     add_lora, body_and_head, build_llm, build_tokenizer, cast_frozen_weights, check_logits_are_head_output,
@@ -77,6 +77,14 @@ class SpeechLLM(nn.Module):
         trained = {param for group in self.trainable_groups().values() for param in group.values()}
         cast_frozen_weights(self.llm, dtype, trained)
         self.frozen_dtype = dtype
+
+    def for_inference(self, precision: str, device: torch.device) -> "SpeechLLM":
+        """This model in eval mode on `device`, held as a run of Lightning `precision` holds it in training: under
+        *-mixed on a GPU the frozen weights are stored, and `generate` runs, in the autocast dtype."""
+        dtype = inference_dtype(precision, device)
+        if dtype is not None:
+            self.store_frozen_weights_in(dtype)
+        return self.to(device).eval()
 
     def save_pretrained(self, path, merge_lora: bool = False, metadata: dict | None = None):
         """A self-contained inference directory (see `speechllm.model.export`); `merge_lora` folds LoRA into the LLM."""

@@ -17,6 +17,8 @@ from speechllm.cli import main
 from speechllm.config import load_config
 from speechllm.data.audio import load_audio
 from speechllm.evaluation.evaluate import load_model
+from speechllm.inference import load_inference_model
+from speechllm.model import speech_llm
 from speechllm.model.speech_llm import SpeechLLM
 from speechllm.training.run import train
 
@@ -107,6 +109,24 @@ def test_export_is_self_contained_and_answers_like_the_checkpoint(lora_run, ques
     assert exported.state_dict().keys() == reference.keys()
     for name, tensor in exported.state_dict().items():  # frozen and trained weights alike, bit for bit
         assert torch.equal(tensor, reference[name]), name
+
+
+def test_predict_loads_an_export_in_the_precision_its_run_trained_in(lora_run, questions, tmp_path, monkeypatch):
+    """On a GPU (here: what `inference_dtype` answers on CUDA for bf16-mixed), predict holds an export as eval holds
+    the run: frozen weights in bf16, what trained in fp32, the same answers."""
+    cfg, run = lora_run
+    out = tmp_path / "export"
+    assert main(["export", "--ckpt", str(run.run_dir), "--out", str(out)]) == 0
+    asked = []
+    monkeypatch.setattr(speech_llm, "inference_dtype", lambda precision, device: asked.append(precision) or torch.bfloat16)
+
+    exported, _ = load_inference_model(out, torch.device("cpu"))
+    assert asked == [cfg.trainer.precision]  # recorded by the export
+    trained = {p for group in exported.trainable_groups().values() for p in group.values()}
+    assert {p.dtype for p in exported.parameters() if p not in trained} == {torch.bfloat16}
+    assert trained and {p.dtype for p in trained} == {torch.float32}
+    checkpoint_model, _, _ = load_model(cfg, run.run_dir / "checkpoints" / "last.ckpt", torch.device("cpu"))
+    assert _answers(exported, questions) == _answers(checkpoint_model, questions)
 
 
 def test_merged_lora_export_matches_the_adapter_export(lora_run, questions, tmp_path):

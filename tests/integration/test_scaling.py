@@ -17,6 +17,7 @@ from speechllm.config import load_config
 from speechllm.data.audio import load_audio
 from speechllm.data.tasks import default_registry
 from speechllm.evaluation import evaluate
+from speechllm.model import speech_llm
 from speechllm.model.llm import decoder_layers
 from speechllm.training.checkpoints import META_KEY
 from speechllm.training import module
@@ -77,7 +78,7 @@ def test_bf16_mixed_on_a_gpu_stores_frozen_weights_in_bf16_and_trains_lora_in_fp
     """On CUDA (here: what `inference_dtype` answers there), the run stores the frozen encoder and LLM in bf16
     before training, and LoRA, switched on mid-run, still trains in fp32. Eval then loads the model as training
     held it and generates under the same autocast: validation's answers."""
-    for code in (module, evaluate):
+    for code in (module, speech_llm):  # training's cast, and eval's
         monkeypatch.setattr(code, "inference_dtype", lambda precision, device: torch.bfloat16)
     stored: list[dict] = []
     training_step = SpeechLLMModule.training_step
