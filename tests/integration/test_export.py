@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from peft import PeftModel
 
 from conftest import LORA_STAGE2_RUN, REPO, run_overrides
@@ -112,21 +113,25 @@ def test_export_is_self_contained_and_answers_like_the_checkpoint(lora_run, ques
 
 
 def test_predict_loads_an_export_in_the_precision_its_run_trained_in(lora_run, questions, tmp_path, monkeypatch):
-    """On a GPU (here: what `inference_dtype` answers on CUDA for bf16-mixed), predict holds an export as eval holds
-    the run: frozen weights in bf16, what trained in fp32, the same answers."""
+    """An export of a bf16-mixed run, predicted on a GPU (here: what `inference_dtype` answers on CUDA), is held as
+    eval holds the run: frozen weights in bf16, what trained in fp32, the same answers."""
     cfg, run = lora_run
+    bf16_run = tmp_path / "bf16-run"  # the same checkpoint (trained weights are fp32 either way), the run's precision
+    shutil.copytree(run.run_dir, bf16_run)
+    run_config = OmegaConf.load(bf16_run / "config.yaml")
+    run_config.trainer.precision = "bf16-mixed"
+    OmegaConf.save(run_config, bf16_run / "config.yaml")
     out = tmp_path / "export"
-    assert main(["export", "--ckpt", str(run.run_dir), "--out", str(out)]) == 0
-    asked = []
-    monkeypatch.setattr(speech_llm, "inference_dtype", lambda precision, device: asked.append(precision) or torch.bfloat16)
+    assert main(["export", "--ckpt", str(bf16_run), "--out", str(out)]) == 0
+    answers_for = speech_llm.inference_dtype
+    monkeypatch.setattr(speech_llm, "inference_dtype", lambda precision, device: answers_for(precision, "cuda"))
 
     exported, _ = load_inference_model(out, torch.device("cpu"))
-    assert asked == [cfg.trainer.precision]  # recorded by the export
     trained = {p for group in exported.trainable_groups().values() for p in group.values()}
     assert {p.dtype for p in exported.parameters() if p not in trained} == {torch.bfloat16}
     assert trained and {p.dtype for p in trained} == {torch.float32}
-    checkpoint_model, _, _ = load_model(cfg, run.run_dir / "checkpoints" / "last.ckpt", torch.device("cpu"))
-    assert _answers(exported, questions) == _answers(checkpoint_model, questions)
+    run_model, _ = load_inference_model(bf16_run, torch.device("cpu"))
+    assert _answers(exported, questions) == _answers(run_model, questions)
 
 
 def test_merged_lora_export_matches_the_adapter_export(lora_run, questions, tmp_path):
