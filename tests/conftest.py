@@ -32,6 +32,13 @@ def record_adapter_calls(model) -> list:
     return calls
 
 
+
+def stored_dtypes(model) -> tuple[set, set]:
+    """The dtypes `model` stores its frozen weights in, and those it stores what trains in."""
+    trained = {p for group in model.trainable_groups().values() for p in group.values()}
+    return {p.dtype for p in model.parameters() if p not in trained}, {p.dtype for p in trained}
+
+
 def tiny_config(model_preset: str = "tiny", *overrides: str):
     """A full RunConfig with a tiny model preset and no data or trainer preset."""
     return load_config(None, [f"presets.model={model_preset}", "presets.data=null", "presets.trainer=null", *overrides])

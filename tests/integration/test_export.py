@@ -13,7 +13,7 @@ import torch
 from omegaconf import OmegaConf
 from peft import PeftModel
 
-from conftest import LORA_STAGE2_RUN, REPO, run_overrides
+from conftest import LORA_STAGE2_RUN, REPO, run_overrides, stored_dtypes
 from speechllm.cli import main
 from speechllm.config import load_config
 from speechllm.data.audio import load_audio
@@ -127,9 +127,7 @@ def test_predict_loads_an_export_in_the_precision_its_run_trained_in(lora_run, q
     monkeypatch.setattr(speech_llm, "inference_dtype", lambda precision, device: answers_for(precision, "cuda"))
 
     exported, _ = load_inference_model(out, torch.device("cpu"))
-    trained = {p for group in exported.trainable_groups().values() for p in group.values()}
-    assert {p.dtype for p in exported.parameters() if p not in trained} == {torch.bfloat16}
-    assert trained and {p.dtype for p in trained} == {torch.float32}
+    assert stored_dtypes(exported) == ({torch.bfloat16}, {torch.float32})
     run_model, _ = load_inference_model(bf16_run, torch.device("cpu"))
     assert _answers(exported, questions) == _answers(run_model, questions)
 

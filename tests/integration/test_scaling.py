@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import REPO, run_overrides
+from conftest import REPO, run_overrides, stored_dtypes
 from speechllm.config import load_config
 from speechllm.data.audio import load_audio
 from speechllm.data.tasks import default_registry
@@ -101,9 +101,7 @@ def test_bf16_mixed_on_a_gpu_stores_frozen_weights_in_bf16_and_trains_lora_in_fp
 
     loaded, _, _ = evaluate.load_model(evaluate.load_run_config(run.run_dir), run.run_dir / "checkpoints" / "last.ckpt",
                                        torch.device("cpu"))
-    trained = {p for group in loaded.trainable_groups().values() for p in group.values()}
-    assert {p.dtype for p in loaded.parameters() if p not in trained} == {torch.bfloat16}
-    assert {p.dtype for p in trained} == {torch.float32}
+    assert stored_dtypes(loaded) == ({torch.bfloat16}, {torch.float32})
     autocast = []
     decoder_layers(loaded.llm)[0].register_forward_pre_hook(lambda *_: autocast.append(torch.get_autocast_dtype("cpu")
                                                                                          if torch.is_autocast_enabled("cpu") else None))
