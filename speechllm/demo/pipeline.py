@@ -56,7 +56,7 @@ class DemoSize:
     multitask_steps: int
     val_check_interval: int
     transcripts_as_asr: bool  # data.transcripts_as_asr (the demo data preset's is true)
-    stage1_overrides: tuple[str, ...] = ()  # over stages/demo/stage1.yaml's, e.g. its learning rates
+    stage1_overrides: list[str] = field(default_factory=list)  # over stages/demo/stage1.yaml's, e.g. its rates
 
 
 SIZES = {
@@ -75,7 +75,7 @@ SIZES = {
                    encoder_batch_seconds=16.0, lm_steps=450, lm_examples_per_task=500, stand_in_workers=2,
                    stage1_steps=300, stage1_batch_seconds=120.0, warmup_steps=50, multitask_steps=400,
                    val_check_interval=1000, transcripts_as_asr=False,
-                   stage1_overrides=("optim.lr=5.0e-3", "phases.0.lr.layer_weights=2.0e-2")),
+                   stage1_overrides=["optim.lr=5.0e-3", "phases.0.lr.layer_weights=2.0e-2"]),
 }
 
 
