@@ -32,7 +32,6 @@ def record_adapter_calls(model) -> list:
     return calls
 
 
-
 def stored_dtypes(model) -> tuple[set, set]:
     """The dtypes `model` stores its frozen weights in, and those it stores what trains in."""
     trained = {p for group in model.trainable_groups().values() for p in group.values()}
