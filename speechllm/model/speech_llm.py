@@ -78,12 +78,17 @@ class SpeechLLM(nn.Module):
         cast_frozen_weights(self.llm, dtype, trained)
         self.frozen_dtype = dtype
 
-    def for_inference(self, precision: str, device: torch.device) -> "SpeechLLM":
-        """This model in eval mode on `device`, held as a run of Lightning `precision` holds it in training: under
-        *-mixed on a GPU the frozen weights are stored, and `generate` runs, in the autocast dtype."""
+    def store_frozen_weights_for(self, precision: str, device: torch.device) -> None:
+        """Under a Lightning *-mixed `precision` on a GPU, `store_frozen_weights_in` its autocast dtype; elsewhere
+        nothing changes. Training and inference both hold the model this way."""
         dtype = inference_dtype(precision, device)
         if dtype is not None:
             self.store_frozen_weights_in(dtype)
+
+    def for_inference(self, precision: str, device: torch.device) -> "SpeechLLM":
+        """This model in eval mode on `device`, held as a run of Lightning `precision` holds it in training: under
+        *-mixed on a GPU the frozen weights are stored, and `generate` runs, in the autocast dtype."""
+        self.store_frozen_weights_for(precision, device)
         return self.to(device).eval()
 
     def save_pretrained(self, path, merge_lora: bool = False, metadata: dict | None = None):

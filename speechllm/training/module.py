@@ -12,7 +12,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from speechllm.data.dataset import Batch
 from speechllm.evaluation.validation import ValidationAnswers
-from speechllm.model.encoder import inference_dtype
 from speechllm.model.llm import decoder_layers
 from speechllm.model.speech_llm import SpeechLLM, SpeechLLMOutput
 from speechllm.training.checkpoints import META_KEY, CheckpointError, check_compatible, rng_states, set_rng_states
@@ -44,9 +43,8 @@ class SpeechLLMModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         # Before the strategy wraps the model; FSDP manages parameter dtypes itself.
-        dtype = inference_dtype(self.trainer.precision, self.trainer.strategy.root_device)
-        if dtype is not None and not isinstance(self.trainer.strategy, FSDPStrategy):
-            self.model.store_frozen_weights_in(dtype)
+        if not isinstance(self.trainer.strategy, FSDPStrategy):
+            self.model.store_frozen_weights_for(self.trainer.precision, self.trainer.strategy.root_device)
 
     def configure_model(self) -> None:
         # After StageScheduler.setup and before the strategy wraps the model. In place (nn.Module.compile):

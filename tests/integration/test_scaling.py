@@ -20,7 +20,6 @@ from speechllm.evaluation import evaluate
 from speechllm.model import speech_llm
 from speechllm.model.llm import decoder_layers
 from speechllm.training.checkpoints import META_KEY
-from speechllm.training import module
 from speechllm.training.module import SpeechLLMModule
 from speechllm.training.run import train
 from test_curriculum import ALIGN, align_then_lora, load_ckpt, metrics_rows, write_stage
@@ -78,8 +77,7 @@ def test_bf16_mixed_on_a_gpu_stores_frozen_weights_in_bf16_and_trains_lora_in_fp
     """On CUDA (here: what `inference_dtype` answers there), the run stores the frozen encoder and LLM in bf16
     before training, and LoRA, switched on mid-run, still trains in fp32. Eval then loads the model as training
     held it and generates under the same autocast: validation's answers."""
-    for code in (module, speech_llm):  # training's cast, and eval's
-        monkeypatch.setattr(code, "inference_dtype", lambda precision, device: torch.bfloat16)
+    monkeypatch.setattr(speech_llm, "inference_dtype", lambda precision, device: torch.bfloat16)  # training's and eval's
     stored: list[dict] = []
     training_step = SpeechLLMModule.training_step
 
