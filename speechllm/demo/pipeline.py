@@ -266,8 +266,8 @@ class Demo:
         whole = round(sum(totals.values()) / 60, 1)
         return {"rows": rows, "whole_demo_minutes": whole, "time_target_minutes": TIME_TARGET_MINUTES,
                 "time_met": whole <= TIME_TARGET_MINUTES, "step_totals_s": totals,
-                "minutes": round(seconds / 60, 1), "timings_s": self.timings, "size": asdict(self.size),
-                "stand_ins": stand_ins}
+                "invocation_minutes": round(seconds / 60, 1), "invocation_timings_s": self.timings,
+                "size": asdict(self.size), "stand_ins": stand_ins}
 
 
 def _torch_threads(count: int) -> None:
@@ -313,7 +313,8 @@ def markdown(results: dict) -> str:
     lines.append(f"\nStand-ins on dev: encoder CER {encoder['dev_cer']:.3f} (greedy CTC); the LM transcribing dev "
                  f"sentences given as spoken text, WER {llm['dev_wer_from_text']:.3f} (what ASR through it can reach at best).")
     lines.append(f"\nWhole demo: {_time(results)}; steps (s, over every invocation): {results['step_totals_s']}")
-    lines.append(f"\nThis invocation: {results['minutes']} min; steps (s): {results['timings_s']}")
+    lines.append(f"\nThis invocation: {results['invocation_minutes']} min; "
+                 f"steps (s): {results['invocation_timings_s']}")
     return "\n".join(lines) + "\n"
 
 
